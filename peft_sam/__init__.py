@@ -1,0 +1,34 @@
+"""peft-sam: sparse (SAM), MPO and stable-rank calibrated (CaliSr) tuners for Hugging Face PEFT.
+
+Importing this package registers its tuner types with PEFT (idempotent), so ``get_peft_model``,
+``PeftModel.from_pretrained``, ``AutoPeftModelFor*`` and transformers' ``model.load_adapter`` work with them.
+A process that loads a peft-sam adapter must ``import peft_sam`` first; ``peft_sam.PeftModel`` is PEFT's own class,
+re-exported so that importing it from here guarantees the registration.
+"""
+
+from peft import AutoPeftModel, AutoPeftModelForSequenceClassification, PeftModel, get_peft_model
+
+from .io import install_atomic_adapter_writes
+from .registry import PeftSamType, register_tuner
+from .selection import SelectionSummary, select_parameters
+from .tuners.sam import SAMConfig, SAMLayer, SAMModel, SAMNotCalibratedError
+
+register_tuner(PeftSamType.SAM, SAMConfig, SAMModel, prefix="sam_")
+install_atomic_adapter_writes()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutoPeftModel",
+    "AutoPeftModelForSequenceClassification",
+    "PeftModel",
+    "PeftSamType",
+    "SAMConfig",
+    "SAMLayer",
+    "SAMModel",
+    "SAMNotCalibratedError",
+    "SelectionSummary",
+    "get_peft_model",
+    "register_tuner",
+    "select_parameters",
+]

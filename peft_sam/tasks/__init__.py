@@ -1,0 +1,25 @@
+"""GLUE / SuperGLUE tasks of the SAM paper: readers and protocol splits, tokenisation, metrics."""
+
+from .data import TASKS, TaskSpec, get_spec, load_task, resolve_data_dir
+from .metrics import compute_metrics
+from .preprocess import (
+    MultipleChoiceCollator,
+    collate_multiple_choice,
+    get_collator,
+    model_class_for,
+    tokenize_task,
+)
+
+__all__ = [
+    "TASKS",
+    "MultipleChoiceCollator",
+    "TaskSpec",
+    "collate_multiple_choice",
+    "compute_metrics",
+    "get_collator",
+    "get_spec",
+    "load_task",
+    "model_class_for",
+    "resolve_data_dir",
+    "tokenize_task",
+]

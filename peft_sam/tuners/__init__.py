@@ -1,0 +1,1 @@
+"""Tuner packages: one folder per method, mirroring PEFT's layout."""

@@ -1,0 +1,7 @@
+"""SAM tuner: sparse fine-tuning of the entries with the largest gradient signal at the pre-trained point."""
+
+from .config import SAMConfig
+from .layer import SAMLayer, SAMNotCalibratedError
+from .model import SAMModel
+
+__all__ = ["SAMConfig", "SAMLayer", "SAMModel", "SAMNotCalibratedError"]

@@ -1,0 +1,327 @@
+"""SAM layers: a frozen base module plus, per adapter, a sparse trainable offset on chosen entries.
+
+For every adapted tensor (the base module's ``weight`` and, optionally, ``bias``) an adapter holds
+``sam_indices`` (flat indices into the tensor, an int32 buffer; int64 for tensors with >= 2**31 entries) and
+``sam_values`` (a 1-D parameter with the offsets). The bias uses ``sam_bias_indices``/``sam_bias_values``.
+The base tensors never change while training, so every non-chosen entry stays at its pre-trained value.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ...ops.sparse_delta import sparse_delta_linear
+
+# tensor name on the base module -> (indices buffer dict, values parameter dict) on the SAM layer
+TENSOR_SLOTS = {"weight": ("sam_indices", "sam_values"), "bias": ("sam_bias_indices", "sam_bias_values")}
+
+
+class SAMNotCalibratedError(RuntimeError):
+    """Raised when a gradient-selected SAM adapter is trained or saved before ``select_parameters`` ran."""
+
+
+def index_dtype_for(numel: int) -> torch.dtype:
+    """int32 indices address tensors below 2**31 entries; larger tensors need int64."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+class SAMLayer(BaseTunerLayer):
+    """Mixin holding the sparse offsets of every adapter on one base module."""
+
+    adapter_layer_names = ("sam_values", "sam_bias_values")
+    other_param_names = ("sam_indices", "sam_bias_indices")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.sam_values = nn.ParameterDict({})
+        self.sam_bias_values = nn.ParameterDict({})
+        self.sam_indices = BufferDict({}, persistent=True)
+        self.sam_bias_indices = BufferDict({}, persistent=True)
+        # adapter name -> True while a gradient-based selection has not been run yet
+        self.sam_pending: dict[str, bool] = {}
+        # adapter name -> {tensor name: base values at the indices before merging}, to unmerge exactly
+        self._sam_merge_backup: dict[str, dict[str, torch.Tensor]] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+
+    # ------------------------------------------------------------------ adapter bookkeeping
+    def adapted_tensor_names(self, include_bias: bool = True) -> list[str]:
+        """Names of the base tensors this layer can adapt (``weight`` and, if present, ``bias``)."""
+        base = self.get_base_layer()
+        names = ["weight"] if isinstance(getattr(base, "weight", None), torch.Tensor) else []
+        if include_bias and isinstance(getattr(base, "bias", None), torch.Tensor):
+            names.append("bias")
+        return names
+
+    def base_tensor(self, tensor_name: str) -> torch.Tensor:
+        """The frozen base tensor (``weight`` or ``bias``)."""
+        return getattr(self.get_base_layer(), tensor_name)
+
+    def update_layer(self, adapter_name: str, config, inference_mode: bool = False, **kwargs: Any) -> None:
+        """Add an adapter with empty placeholders; the entries are filled by a selection (or by loading)."""
+        for tensor_name in self.adapted_tensor_names(include_bias=config.include_bias):
+            self.set_entries(adapter_name, tensor_name, torch.empty(0, dtype=torch.long), config=config)
+        self.sam_pending[adapter_name] = True
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def set_entries(
+        self,
+        adapter_name: str,
+        tensor_name: str,
+        indices: torch.Tensor,
+        config=None,
+        values: Optional[torch.Tensor] = None,
+    ) -> None:
+        """Make ``indices`` (flat, unique) the trained entries of ``tensor_name`` for ``adapter_name``.
+
+        New offsets are zero (``init_weights=True``) or small random numbers, unless ``values`` is given.
+        Replaces the parameter object, so call it before an optimizer is built.
+        """
+        base = self.base_tensor(tensor_name)
+        indices = indices.reshape(-1).to(device=base.device, dtype=torch.long)
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= base.numel()):
+            raise ValueError(
+                f"SAM indices for {tensor_name} of shape {tuple(base.shape)} are out of range "
+                f"[{int(indices.min())}, {int(indices.max())}]: the adapter was made for a model with other shapes."
+            )
+        idx_name, val_name = TENSOR_SLOTS[tensor_name]
+        if values is None:
+            init_weights = True if config is None else config.init_weights
+            if init_weights:
+                values = torch.zeros(indices.numel(), dtype=base.dtype, device=base.device)
+            else:
+                gen = torch.Generator().manual_seed(0 if config is None else int(config.seed) + indices.numel())
+                values = (0.1 * torch.randn(indices.numel(), generator=gen)).to(base.dtype).to(base.device)
+        getattr(self, idx_name)[adapter_name] = indices.to(index_dtype_for(base.numel()))
+        getattr(self, val_name)[adapter_name] = nn.Parameter(values.to(base.device), requires_grad=True)
+        self.set_adapter(self.active_adapters)
+
+    def entries(self, adapter_name: str, tensor_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(indices as int64, values) of one adapter on one tensor, or None when that tensor is not adapted."""
+        idx_name, val_name = TENSOR_SLOTS[tensor_name]
+        values = getattr(self, val_name)
+        if adapter_name not in values:
+            return None
+        return getattr(self, idx_name)[adapter_name].long(), values[adapter_name]
+
+    def num_entries(self, adapter_name: str) -> int:
+        """Number of trained entries of one adapter on this layer."""
+        return sum(e[0].numel() for t in TENSOR_SLOTS if (e := self.entries(adapter_name, t)) is not None)
+
+    def delete_adapter(self, adapter_name: str) -> None:  # noqa: D102
+        super().delete_adapter(adapter_name)
+        self.sam_pending.pop(adapter_name, None)
+        self._sam_merge_backup.pop(adapter_name, None)
+
+    def _active_entries(self, tensor_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Indices and values of all active adapters on one tensor, concatenated."""
+        parts = [e for a in self.active_adapters if (e := self.entries(a, tensor_name)) is not None]
+        parts = [e for e in parts if e[0].numel()]
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _check_calibrated(self) -> None:
+        pending = [a for a in self.active_adapters if self.sam_pending.get(a, False)]
+        if pending and self.training and torch.is_grad_enabled():
+            raise SAMNotCalibratedError(
+                f"SAM adapter(s) {pending} have no selected entries yet: call "
+                "peft_sam.select_parameters(model, train_dataloader) after get_peft_model and before training "
+                "(or use a data-free selection such as selection='magnitude')."
+            )
+
+    # ------------------------------------------------------------------ weights
+    def get_delta_weight(self, adapter_name: str, tensor_name: str = "weight") -> torch.Tensor:
+        """Dense offset of ``adapter_name`` on ``tensor_name`` (zeros where nothing is trained)."""
+        base = self.base_tensor(tensor_name)
+        delta = torch.zeros_like(base)
+        found = self.entries(adapter_name, tensor_name)
+        if found is not None:
+            idx, vals = found
+            delta.view(-1).index_add_(0, idx, vals.to(base.dtype))
+        return delta
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the offsets of the given (default: active) adapters into the base tensors."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for adapter in adapter_names:
+            if adapter not in self.sam_values and adapter not in self.sam_bias_values:
+                continue
+            backup = {}
+            for tensor_name in TENSOR_SLOTS:
+                found = self.entries(adapter, tensor_name)
+                if found is None or found[0].numel() == 0:
+                    continue
+                idx, vals = found
+                base = self.base_tensor(tensor_name)
+                with torch.no_grad():
+                    flat = base.data.view(-1)
+                    old = flat[idx].clone()
+                    new = old + vals.detach().to(base.dtype)
+                    if safe_merge and not torch.isfinite(new).all():
+                        raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems broken.")
+                    flat[idx] = new
+                backup[tensor_name] = old
+            self._sam_merge_backup[adapter] = backup
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """Restore the base tensors exactly (the pre-merge values of the touched entries were kept)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            for tensor_name, old in self._sam_merge_backup.pop(adapter, {}).items():
+                idx, _ = self.entries(adapter, tensor_name)
+                with torch.no_grad():
+                    self.base_tensor(tensor_name).data.view(-1)[idx] = old
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:  # noqa: D102
+        return False
+
+    # ------------------------------------------------------------------ forward
+    def dispatch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Base output, plus the offsets of the active adapters unless disabled or merged."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        self._check_calibrated()
+        weight_entries = self._active_entries("weight")
+        bias_entries = self._active_entries("bias")
+        if weight_entries is None and bias_entries is None:
+            return self.base_layer(x, *args, **kwargs)
+        return self._sam_forward(x, weight_entries, bias_entries, *args, **kwargs)
+
+    def _effective_bias(self, bias_entries) -> torch.Tensor | None:
+        bias = self.get_base_layer().bias
+        if bias is None or bias_entries is None:
+            return bias
+        idx, vals = bias_entries
+        return bias.index_add(0, idx, vals.to(bias.dtype))
+
+    def _sam_forward(self, x, weight_entries, bias_entries, *args, **kwargs) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return "sam." + super().__repr__()
+
+
+class Linear(nn.Module, SAMLayer):
+    """SAM on ``nn.Linear`` (weight [out, in]) or transformers ``Conv1D`` (GPT-2 style, weight [in, out])."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs: Any) -> None:
+        super().__init__()
+        SAMLayer.__init__(self, base_layer, **kwargs)
+        self.is_conv1d = isinstance(self.get_base_layer(), Conv1D)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    forward = SAMLayer.dispatch_forward
+
+    def _sam_forward(self, x, weight_entries, bias_entries, *args, **kwargs) -> torch.Tensor:
+        base = self.get_base_layer()
+        weight = base.weight
+        x = self._cast_input_dtype(x, weight.dtype)
+        bias = self._effective_bias(bias_entries)
+        if weight_entries is None:
+            w = weight.t() if self.is_conv1d else weight
+            return F.linear(x, w, bias)
+        idx, vals = weight_entries
+        if self.is_conv1d:  # weight [in, out]
+            n_out = weight.shape[1]
+            in_idx, out_idx = torch.div(idx, n_out, rounding_mode="floor"), idx % n_out
+            return sparse_delta_linear(x, weight.t(), bias, out_idx, in_idx, vals)
+        n_in = weight.shape[1]
+        out_idx, in_idx = torch.div(idx, n_in, rounding_mode="floor"), idx % n_in
+        return sparse_delta_linear(x, weight, bias, out_idx, in_idx, vals)
+
+
+class Embedding(nn.Module, SAMLayer):
+    """SAM on ``nn.Embedding``: the looked-up rows get the offsets of their chosen entries added."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs: Any) -> None:
+        super().__init__()
+        SAMLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    forward = SAMLayer.dispatch_forward
+
+    def _sam_forward(self, x, weight_entries, bias_entries, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if weight_entries is None:
+            return result
+        idx, vals = weight_entries
+        num_rows, dim = self.get_base_layer().weight.shape
+        rows, cols = torch.div(idx, dim, rounding_mode="floor"), idx % dim
+        # Offsets of the touched rows only, in a compact [U, dim] table; untouched rows contribute zero.
+        touched, compact_row = torch.unique(rows, return_inverse=True)
+        table = vals.new_zeros(touched.numel() + 1, dim)  # last row: zeros for untouched ids
+        table = table.index_put((compact_row, cols), vals, accumulate=True)
+        lookup = torch.full((num_rows,), touched.numel(), dtype=torch.long, device=x.device)
+        lookup[touched] = torch.arange(touched.numel(), device=x.device)
+        return result + table[lookup[x]].to(result.dtype)
+
+
+class Functional(nn.Module, SAMLayer):
+    """SAM on any other leaf module whose only parameters are ``weight``/``bias`` (LayerNorm, RMSNorm, ...).
+
+    The module's own forward runs with ``weight + offset`` substituted via ``torch.func.functional_call``; these
+    tensors are small (hidden size), so the dense temporary is cheap.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs: Any) -> None:
+        super().__init__()
+        SAMLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    forward = SAMLayer.dispatch_forward
+
+    def _sam_forward(self, x, weight_entries, bias_entries, *args, **kwargs) -> torch.Tensor:
+        base = self.get_base_layer()
+        params = {}
+        if weight_entries is not None:
+            idx, vals = weight_entries
+            params["weight"] = base.weight.reshape(-1).index_add(0, idx, vals.to(base.weight.dtype)).view_as(
+                base.weight
+            )
+        if bias_entries is not None:
+            params["bias"] = self._effective_bias(bias_entries)
+        return torch.func.functional_call(base, params, (x, *args), kwargs, strict=False)
+
+
+def is_norm_like(module: nn.Module) -> bool:
+    """A leaf module whose parameters are exactly ``weight`` (and optionally ``bias``), e.g. LayerNorm/RMSNorm."""
+    if any(True for _ in module.children()):
+        return False
+    names = {n for n, _ in module.named_parameters(recurse=False)}
+    return "weight" in names and names <= {"weight", "bias"}
+
+
+def sam_layer_class_for(module: nn.Module) -> type[SAMLayer] | None:
+    """The SAM layer class that can wrap ``module``, or None if it is not supported."""
+    if isinstance(module, (nn.Linear, Conv1D)):
+        return Linear
+    if isinstance(module, nn.Embedding):
+        return Embedding
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return Functional  # conv kernels go through functional_call as well
+    if is_norm_like(module):
+        return Functional
+    return None

@@ -1,0 +1,114 @@
+"""SAMModel: the PEFT tuner that wraps every candidate module of a model in a SAM layer."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
+from torch import nn
+
+from .config import SAMConfig
+from .layer import TENSOR_SLOTS, SAMLayer, SAMNotCalibratedError, sam_layer_class_for
+
+
+class SAMModel(BaseTuner):
+    """Sparse fine-tuning of the entries with the largest gradient signal at the pre-trained point (SAM).
+
+    Created through ``peft.get_peft_model(model, SAMConfig(...))`` once ``peft_sam`` is imported.
+    """
+
+    prefix: str = "sam_"
+    tuner_layer_cls = SAMLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _prepare_adapter_config(self, peft_config: SAMConfig, model_config: dict) -> SAMConfig:
+        return peft_config  # target_modules=None means "every supported module", resolved per module below
+
+    def _check_target_module_exists(self, peft_config: SAMConfig, key: str):
+        if peft_config.target_modules is not None:
+            return check_target_module_exists(peft_config, key)
+        probe = copy.copy(peft_config)
+        probe.target_modules = ".*"  # exclude_modules and modules_to_save still apply
+        result = check_target_module_exists(probe, key)
+        if isinstance(result, _ExcludedModule) or not result:
+            return result
+        module = self.model.get_submodule(key)
+        if isinstance(module, BaseTunerLayer):
+            return True
+        if any(isinstance(m, BaseTunerLayer) for m in module.modules()):
+            return False  # a container of adapted modules (e.g. a previous adapter's wrapper)
+        return sam_layer_class_for(module) is not None
+
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        if isinstance(target, SAMLayer):
+            target.update_layer(adapter_name, peft_config)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        layer_cls = sam_layer_class_for(base)
+        if layer_cls is None:
+            raise TypeError(
+                f"SAM cannot adapt module {current_key!r} of type {type(base).__name__}: supported are Linear, "
+                "transformers Conv1D, Embedding, Conv and norm layers (leaf modules with only weight/bias). "
+                "Remove it from target_modules or add it to exclude_modules."
+            )
+        new_module = layer_cls(target, adapter_name, peft_config)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _post_injection_hook(self, model: nn.Module, config: SAMConfig, adapter_name: str) -> None:
+        if not config.needs_calibration:
+            from ...selection import select_data_free
+
+            select_data_free(model, adapter_name, config)
+
+    # ------------------------------------------------------------------ save / load hooks
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        pending = [
+            name
+            for name, module in model.named_modules()
+            if isinstance(module, SAMLayer) and module.sam_pending.get(adapter_name, False)
+        ]
+        if pending:
+            raise SAMNotCalibratedError(
+                f"SAM adapter {adapter_name!r} has not been calibrated ({len(pending)} layers have no entries, "
+                f"e.g. {pending[0]}): call peft_sam.select_parameters(model, dataloader) before save_pretrained. "
+                "Nothing was written."
+            )
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        save_dtype = getattr(config, "save_dtype", None)
+        if save_dtype is not None:
+            dtype = getattr(torch, save_dtype)
+            value_keys = tuple(f".{val}." for _, val in TENSOR_SLOTS.values())
+            for key, tensor in to_return.items():
+                if any(v in key for v in value_keys) and tensor.is_floating_point():
+                    to_return[key] = tensor.to(dtype)
+        return to_return
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Resize each layer's placeholders to the entries stored in the file (indices always come from it)."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        for name, module in model.named_modules():
+            if not isinstance(module, SAMLayer):
+                continue
+            for tensor_name, (idx_name, val_name) in TENSOR_SLOTS.items():
+                idx_key = f"{name}.{idx_name}.{adapter_name}"
+                val_key = f"{name}.{val_name}.{adapter_name}"
+                if idx_key not in remapped or adapter_name not in getattr(module, val_name):
+                    continue
+                indices, values = remapped[idx_key], remapped[val_key]
+                if indices.numel() != values.numel():
+                    raise ValueError(f"Corrupt SAM adapter: {idx_key} and {val_key} differ in length.")
+                if values.dtype != module.base_tensor(tensor_name).dtype:
+                    remapped[val_key] = values.to(module.base_tensor(tensor_name).dtype)
+                try:
+                    module.set_entries(adapter_name, tensor_name, indices, config=config)
+                except ValueError as err:
+                    raise ValueError(f"Cannot load SAM adapter into module {name!r}: {err}") from err
+            if adapter_name in module.sam_pending:
+                module.sam_pending[adapter_name] = False
+        return remapped
+
