@@ -54,7 +54,9 @@ def register_tuner(peft_type: PeftSamType, config_cls: type, model_cls: type, pr
         )
     for other_type, other_prefix in PEFT_TYPE_TO_PREFIX_MAPPING.items():
         if other_prefix == prefix and other_type != peft_type:
-            raise KeyError(f"Prefix {prefix!r} is already used by PEFT method {other_type!s}; cannot register it.")
+            raise KeyError(
+                f"Prefix {prefix!r} is already used by PEFT method {other_type!s}; cannot register it."
+            )
     PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
     PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
     PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = prefix

@@ -15,7 +15,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -76,7 +76,7 @@ def find_candidates(model: nn.Module, adapter_name: str) -> list[Candidate]:
     return found
 
 
-def _sam_config(model: nn.Module, adapter_name: Optional[str]) -> tuple[str, SAMConfig]:
+def _sam_config(model: nn.Module, adapter_name: str | None) -> tuple[str, SAMConfig]:
     configs = getattr(model, "peft_config", None) or {}
     if adapter_name is None:
         active = getattr(model, "active_adapter", None)
@@ -91,7 +91,7 @@ def _sam_config(model: nn.Module, adapter_name: Optional[str]) -> tuple[str, SAM
 
 
 # ---------------------------------------------------------------------------------------------------- top-k
-def top_entries(scores: list[torch.Tensor], p: float, scope: str, names: Optional[list[str]] = None):
+def top_entries(scores: list[torch.Tensor], p: float, scope: str, names: list[str] | None = None):
     """Indices (sorted int64 per tensor) of the top-scored entries: int(p*numel) each, or int(p*total) globally.
 
     Ties are broken by the lower flat index, so the result is deterministic.
@@ -138,11 +138,11 @@ def _broadcast_from_rank0(indices: list[torch.Tensor]) -> list[torch.Tensor]:
     return list(torch.split(flat, sizes.tolist()))
 
 
-def _apply(candidates: list[Candidate], adapter_name: str, indices: list[torch.Tensor], config: SAMConfig) -> None:
+def _apply(
+    candidates: list[Candidate], adapter_name: str, indices: list[torch.Tensor], config: SAMConfig
+) -> None:
     for cand, idx in zip(candidates, indices):
         cand.layer.set_entries(adapter_name, cand.tensor_name, idx, config=config)
-    for layer in {id(c.layer): c.layer for c in candidates}.values():
-        layer.sam_pending[adapter_name] = False
 
 
 # ---------------------------------------------------------------------------------------------------- data-free
@@ -205,8 +205,8 @@ def gradient_scores(
     *,
     method: str,
     num_batches: int,
-    clip_norm: Optional[float],
-    loss_fn: Optional[Callable[[nn.Module, Any], torch.Tensor]] = None,
+    clip_norm: float | None,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     show_progress: bool = True,
 ) -> tuple[list[torch.Tensor], int]:
     """Per-candidate score sums over up to ``num_batches`` batches (all-reduced across processes).
@@ -234,7 +234,9 @@ def gradient_scores(
     rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     done = 0
     try:
-        progress = tqdm(total=num_batches, desc=f"SAM calibration ({method})", disable=not (show_progress and rank0))
+        progress = tqdm(
+            total=num_batches, desc=f"SAM calibration ({method})", disable=not (show_progress and rank0)
+        )
         for batch in dataloader:
             if done >= num_batches:
                 break
@@ -244,10 +246,15 @@ def gradient_scores(
                 raise FloatingPointError(f"Calibration batch {done} gave a non-finite loss ({loss.item()}).")
             loss.backward()
             grads = [p.grad for p in clip_params if p.grad is not None]
-            total_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.double()) for g in grads]))
+            total_norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])
+            )
             if not torch.isfinite(total_norm):
-                bad = next(c.name for c, t in zip(candidates, tensors) if t.grad is not None and
-                           not torch.isfinite(t.grad).all())
+                bad = next(
+                    c.name
+                    for c, t in zip(candidates, tensors)
+                    if t.grad is not None and not torch.isfinite(t.grad).all()
+                )
                 raise FloatingPointError(
                     f"Calibration batch {done} produced NaN/inf gradients (first in {bad}): check the data, the "
                     "learning-rate-free forward pass (fp16 overflow?) and the labels."
@@ -287,13 +294,13 @@ def gradient_scores(
 
 def select_parameters(
     model: nn.Module,
-    dataloader: Optional[Iterable] = None,
+    dataloader: Iterable | None = None,
     *,
-    adapter_name: Optional[str] = None,
-    method: Optional[str] = None,
-    num_batches: Optional[int] = None,
-    clip_norm: Optional[float] = None,
-    loss_fn: Optional[Callable[[nn.Module, Any], torch.Tensor]] = None,
+    adapter_name: str | None = None,
+    method: str | None = None,
+    num_batches: int | None = None,
+    clip_norm: float | None = None,
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     show_progress: bool = True,
 ) -> SelectionSummary:
     """Pick the trained entries of a SAM adapter (the calibration step); call before building the optimizer.
@@ -317,12 +324,24 @@ def select_parameters(
         cfg = copy.copy(config)
         cfg.selection = method
         num = select_data_free(model, adapter_name, cfg)
-        return SelectionSummary(method, config.scope, config.p, num, num_candidates, len(candidates), 0,
-                                time.perf_counter() - start)
+        return SelectionSummary(
+            method,
+            config.scope,
+            config.p,
+            num,
+            num_candidates,
+            len(candidates),
+            0,
+            time.perf_counter() - start,
+        )
     if method not in GRADIENT_SELECTIONS:
-        raise ValueError(f"method must be one of {GRADIENT_SELECTIONS + DATA_FREE_SELECTIONS}, got {method!r}.")
+        raise ValueError(
+            f"method must be one of {GRADIENT_SELECTIONS + DATA_FREE_SELECTIONS}, got {method!r}."
+        )
     if dataloader is None:
-        raise ValueError(f"selection {method!r} needs training batches: select_parameters(model, train_dataloader).")
+        raise ValueError(
+            f"selection {method!r} needs training batches: select_parameters(model, train_dataloader)."
+        )
     scores, used = gradient_scores(
         model,
         candidates,
@@ -336,5 +355,13 @@ def select_parameters(
     indices = top_entries([s.cpu() for s in scores], config.p, config.scope)
     indices = _broadcast_from_rank0(indices)
     _apply(candidates, adapter_name, indices, config)
-    return SelectionSummary(method, config.scope, config.p, sum(i.numel() for i in indices), num_candidates,
-                            len(candidates), used, time.perf_counter() - start)
+    return SelectionSummary(
+        method,
+        config.scope,
+        config.p,
+        sum(i.numel() for i in indices),
+        num_candidates,
+        len(candidates),
+        used,
+        time.perf_counter() - start,
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
 
@@ -27,14 +27,14 @@ class SAMConfig(PeftConfig):
     """
 
     p: float = field(default=0.005, metadata={"help": "Fraction of entries to train, in (0, 1]."})
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": "Module names or a regex to adapt; None = every supported backbone module (Linear, Conv1D, "
             "Embedding, norm layers), excluding modules_to_save."
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names or a regex never to adapt."}
     )
     selection: Literal["sam", "fisher", "magnitude", "random", "bitfit"] = field(
@@ -46,25 +46,36 @@ class SAMConfig(PeftConfig):
     )
     scope: Literal["per_tensor", "global"] = field(
         default="per_tensor",
-        metadata={"help": "per_tensor: top int(p*numel) of each tensor (reference code); global: top-k overall."},
+        metadata={
+            "help": "per_tensor: top int(p*numel) of each tensor (reference code); global: top-k overall."
+        },
     )
-    include_bias: bool = field(default=True, metadata={"help": "Whether biases are candidates as well as weights."})
+    include_bias: bool = field(
+        default=True, metadata={"help": "Whether biases are candidates as well as weights."}
+    )
     num_calibration_batches: int = field(
         default=600, metadata={"help": "Training batches used by select_parameters (reference: 600)."}
     )
-    calibration_clip_norm: Optional[float] = field(
-        default=1.0, metadata={"help": "Clip each calibration batch's gradient to this global norm; None = no clip."}
+    calibration_clip_norm: float | None = field(
+        default=1.0,
+        metadata={"help": "Clip each calibration batch's gradient to this global norm; None = no clip."},
     )
-    seed: int = field(default=0, metadata={"help": "Seed of the random selection (and of init_weights=False)."})
-    save_dtype: Optional[str] = field(
+    seed: int = field(
+        default=0, metadata={"help": "Seed of the random selection (and of init_weights=False)."}
+    )
+    save_dtype: str | None = field(
         default=None,
-        metadata={"help": "Store trained values as float32/float16/bfloat16 in the adapter file; None = as trained."},
+        metadata={
+            "help": "Store trained values as float32/float16/bfloat16 in the adapter file; None = as trained."
+        },
     )
     init_weights: bool = field(
         default=True,
-        metadata={"help": "True: offsets start at zero (identity); False: random non-zero offsets (for tests)."},
+        metadata={
+            "help": "True: offsets start at zero (identity); False: random non-zero offsets (for tests)."
+        },
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full and saved (e.g. the task head)."}
     )
 
@@ -72,7 +83,9 @@ class SAMConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = PeftSamType.SAM
         if not isinstance(self.p, (int, float)) or not 0.0 < float(self.p) <= 1.0:
-            raise ValueError(f"SAMConfig.p must be in (0, 1], got {self.p!r} (p=0.005 trains 0.5% of the weights).")
+            raise ValueError(
+                f"SAMConfig.p must be in (0, 1], got {self.p!r} (p=0.005 trains 0.5% of the weights)."
+            )
         if self.selection not in SELECTIONS:
             raise ValueError(f"SAMConfig.selection must be one of {SELECTIONS}, got {self.selection!r}.")
         if self.scope not in SCOPES:

@@ -9,7 +9,8 @@ The base tensors never change while training, so every non-chosen entry stays at
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from functools import lru_cache
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,14 @@ class SAMNotCalibratedError(RuntimeError):
     """Raised when a gradient-selected SAM adapter is trained or saved before ``select_parameters`` ran."""
 
 
+PENDING_INDEX = -1  # placeholder index of an adapter whose entries have not been chosen yet
+
+
+@lru_cache(maxsize=8)
+def _warn_pending_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
 def index_dtype_for(numel: int) -> torch.dtype:
     """int32 indices address tensors below 2**31 entries; larger tensors need int64."""
     return torch.int32 if numel < 2**31 else torch.int64
@@ -37,7 +46,7 @@ class SAMLayer(BaseTunerLayer):
     """Mixin holding the sparse offsets of every adapter on one base module."""
 
     adapter_layer_names = ("sam_values", "sam_bias_values")
-    other_param_names = ("sam_indices", "sam_bias_indices")
+    other_param_names = ("sam_indices", "sam_bias_indices", "sam_shapes")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -45,8 +54,11 @@ class SAMLayer(BaseTunerLayer):
         self.sam_bias_values = nn.ParameterDict({})
         self.sam_indices = BufferDict({}, persistent=True)
         self.sam_bias_indices = BufferDict({}, persistent=True)
-        # adapter name -> True while a gradient-based selection has not been run yet
-        self.sam_pending: dict[str, bool] = {}
+        # adapter name -> shapes of the adapted base tensors (saved, so a file never loads onto other shapes)
+        self.sam_shapes = BufferDict({}, persistent=True)
+        # (adapter, buffer name) -> ((data_ptr, version, numel), pending?): is_pending without a sync per forward
+        self._sam_pending_cache: dict[tuple[str, str], tuple[tuple[int, int, int], bool]] = {}
+        self._sam_shapes_checked: dict[str, tuple[int, int]] = {}
         # adapter name -> {tensor name: base values at the indices before merging}, to unmerge exactly
         self._sam_merge_backup: dict[str, dict[str, torch.Tensor]] = {}
         self._disable_adapters = False
@@ -67,11 +79,49 @@ class SAMLayer(BaseTunerLayer):
         return getattr(self.get_base_layer(), tensor_name)
 
     def update_layer(self, adapter_name: str, config, inference_mode: bool = False, **kwargs: Any) -> None:
-        """Add an adapter with empty placeholders; the entries are filled by a selection (or by loading)."""
+        """Add an adapter whose entries are still to be chosen (placeholders of index -1).
+
+        In ``per_tensor`` scope the placeholders already have the final length int(p * numel), so a saved adapter
+        can be loaded straight into them (transformers' ``load_adapter`` does that); a selection or PEFT's loading
+        replaces them by the real indices.
+        """
         for tensor_name in self.adapted_tensor_names(include_bias=config.include_bias):
-            self.set_entries(adapter_name, tensor_name, torch.empty(0, dtype=torch.long), config=config)
-        self.sam_pending[adapter_name] = True
+            numel = self.base_tensor(tensor_name).numel()
+            if config.selection == "bitfit":
+                count = numel if tensor_name == "bias" else 0
+            elif config.scope == "per_tensor":
+                count = int(config.p * numel)
+            else:
+                count = 1  # the global top-k share of this tensor is only known after selection
+            placeholder = torch.full((count,), PENDING_INDEX, dtype=torch.long)
+            self.set_entries(adapter_name, tensor_name, placeholder, config=config, _placeholder=True)
+        self.sam_shapes[adapter_name] = self.base_shapes(config.include_bias).to(
+            self.base_tensor("weight").device
+        )
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def base_shapes(self, include_bias: bool = True) -> torch.Tensor:
+        """Shapes of the adapted tensors as one int64 vector: weight dims, -1, bias dims."""
+        dims = list(self.base_tensor("weight").shape)
+        if include_bias and "bias" in self.adapted_tensor_names():
+            dims += [-1, *self.base_tensor("bias").shape]
+        return torch.tensor(dims, dtype=torch.long)
+
+    def check_shapes(self, adapter_name: str) -> None:
+        """Raise if the adapter was made for base tensors of other shapes (e.g. loaded onto another model)."""
+        if adapter_name not in self.sam_shapes:
+            return
+        stored = self.sam_shapes[adapter_name]
+        key = (stored.data_ptr(), stored._version)
+        if self._sam_shapes_checked.get(adapter_name) == key:
+            return
+        expected = self.base_shapes(include_bias=stored.numel() > self.base_tensor("weight").dim())
+        if not torch.equal(stored.cpu(), expected):
+            raise ValueError(
+                f"SAM adapter {adapter_name!r} was made for tensors of shape {stored.tolist()} (weight dims, -1, "
+                f"bias dims) but this module has {expected.tolist()}: load it onto the base model it was trained on."
+            )
+        self._sam_shapes_checked[adapter_name] = key
 
     def set_entries(
         self,
@@ -79,7 +129,8 @@ class SAMLayer(BaseTunerLayer):
         tensor_name: str,
         indices: torch.Tensor,
         config=None,
-        values: Optional[torch.Tensor] = None,
+        values: torch.Tensor | None = None,
+        _placeholder: bool = False,
     ) -> None:
         """Make ``indices`` (flat, unique) the trained entries of ``tensor_name`` for ``adapter_name``.
 
@@ -88,7 +139,11 @@ class SAMLayer(BaseTunerLayer):
         """
         base = self.base_tensor(tensor_name)
         indices = indices.reshape(-1).to(device=base.device, dtype=torch.long)
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= base.numel()):
+        if (
+            not _placeholder
+            and indices.numel()
+            and (int(indices.min()) < 0 or int(indices.max()) >= base.numel())
+        ):
             raise ValueError(
                 f"SAM indices for {tensor_name} of shape {tuple(base.shape)} are out of range "
                 f"[{int(indices.min())}, {int(indices.max())}]: the adapter was made for a model with other shapes."
@@ -99,7 +154,9 @@ class SAMLayer(BaseTunerLayer):
             if init_weights:
                 values = torch.zeros(indices.numel(), dtype=base.dtype, device=base.device)
             else:
-                gen = torch.Generator().manual_seed(0 if config is None else int(config.seed) + indices.numel())
+                gen = torch.Generator().manual_seed(
+                    0 if config is None else int(config.seed) + indices.numel()
+                )
                 values = (0.1 * torch.randn(indices.numel(), generator=gen)).to(base.dtype).to(base.device)
         getattr(self, idx_name)[adapter_name] = indices.to(index_dtype_for(base.numel()))
         getattr(self, val_name)[adapter_name] = nn.Parameter(values.to(base.device), requires_grad=True)
@@ -113,18 +170,35 @@ class SAMLayer(BaseTunerLayer):
             return None
         return getattr(self, idx_name)[adapter_name].long(), values[adapter_name]
 
+    def is_pending(self, adapter_name: str) -> bool:
+        """True while the adapter still holds placeholder indices (no selection run, nothing loaded)."""
+        for idx_name, _ in TENSOR_SLOTS.values():
+            buffers = getattr(self, idx_name)
+            if adapter_name not in buffers:
+                continue
+            idx = buffers[adapter_name]
+            key = (idx.data_ptr(), idx._version, idx.numel())
+            cached = self._sam_pending_cache.get((adapter_name, idx_name))
+            if cached is None or cached[0] != key:
+                cached = (key, bool(idx.numel()) and bool((idx < 0).any()))
+                self._sam_pending_cache[(adapter_name, idx_name)] = cached
+            if cached[1]:
+                return True
+        return False
+
     def num_entries(self, adapter_name: str) -> int:
         """Number of trained entries of one adapter on this layer."""
         return sum(e[0].numel() for t in TENSOR_SLOTS if (e := self.entries(adapter_name, t)) is not None)
 
     def delete_adapter(self, adapter_name: str) -> None:  # noqa: D102
         super().delete_adapter(adapter_name)
-        self.sam_pending.pop(adapter_name, None)
+        self._sam_pending_cache = {k: v for k, v in self._sam_pending_cache.items() if k[0] != adapter_name}
         self._sam_merge_backup.pop(adapter_name, None)
 
     def _active_entries(self, tensor_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Indices and values of all active adapters on one tensor, concatenated."""
-        parts = [e for a in self.active_adapters if (e := self.entries(a, tensor_name)) is not None]
+        """Indices and values of all active, selected adapters on one tensor, concatenated."""
+        ready = [a for a in self.active_adapters if not self.is_pending(a)]
+        parts = [e for a in ready if (e := self.entries(a, tensor_name)) is not None]
         parts = [e for e in parts if e[0].numel()]
         if not parts:
             return None
@@ -133,13 +207,19 @@ class SAMLayer(BaseTunerLayer):
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def _check_calibrated(self) -> None:
-        pending = [a for a in self.active_adapters if self.sam_pending.get(a, False)]
-        if pending and self.training and torch.is_grad_enabled():
-            raise SAMNotCalibratedError(
-                f"SAM adapter(s) {pending} have no selected entries yet: call "
-                "peft_sam.select_parameters(model, train_dataloader) after get_peft_model and before training "
-                "(or use a data-free selection such as selection='magnitude')."
-            )
+        for adapter in self.active_adapters:
+            self.check_shapes(adapter)
+        pending = [a for a in self.active_adapters if self.is_pending(a)]
+        if not pending:
+            return
+        message = (
+            f"SAM adapter(s) {pending} have no selected entries yet: call "
+            "peft_sam.select_parameters(model, train_dataloader) after get_peft_model and before training "
+            "(or use a data-free selection such as selection='magnitude')."
+        )
+        if self.training and torch.is_grad_enabled():
+            raise SAMNotCalibratedError(message)
+        _warn_pending_once(message + " Until then the outputs equal the base model's.")
 
     # ------------------------------------------------------------------ weights
     def get_delta_weight(self, adapter_name: str, tensor_name: str = "weight") -> torch.Tensor:
@@ -152,11 +232,13 @@ class SAMLayer(BaseTunerLayer):
             delta.view(-1).index_add_(0, idx, vals.to(base.dtype))
         return delta
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the offsets of the given (default: active) adapters into the base tensors."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         for adapter in adapter_names:
-            if adapter not in self.sam_values and adapter not in self.sam_bias_values:
+            if (adapter not in self.sam_values and adapter not in self.sam_bias_values) or self.is_pending(
+                adapter
+            ):
                 continue
             backup = {}
             for tensor_name in TENSOR_SLOTS:
@@ -170,7 +252,9 @@ class SAMLayer(BaseTunerLayer):
                     old = flat[idx].clone()
                     new = old + vals.detach().to(base.dtype)
                     if safe_merge and not torch.isfinite(new).all():
-                        raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems broken.")
+                        raise ValueError(
+                            f"NaNs detected in the merged weights. The adapter {adapter} seems broken."
+                        )
                     flat[idx] = new
                 backup[tensor_name] = old
             self._sam_merge_backup[adapter] = backup
@@ -179,7 +263,7 @@ class SAMLayer(BaseTunerLayer):
     def unmerge(self) -> None:
         """Restore the base tensors exactly (the pre-merge values of the touched entries were kept)."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
@@ -298,8 +382,8 @@ class Functional(nn.Module, SAMLayer):
         params = {}
         if weight_entries is not None:
             idx, vals = weight_entries
-            params["weight"] = base.weight.reshape(-1).index_add(0, idx, vals.to(base.weight.dtype)).view_as(
-                base.weight
+            params["weight"] = (
+                base.weight.reshape(-1).index_add(0, idx, vals.to(base.weight.dtype)).view_as(base.weight)
             )
         if bias_entries is not None:
             params["bias"] = self._effective_bias(bias_entries)

@@ -40,7 +40,9 @@ class SAMModel(BaseTuner):
             return False  # a container of adapted modules (e.g. a previous adapter's wrapper)
         return sam_layer_class_for(module) is not None
 
-    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+    def _create_and_replace(
+        self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs
+    ):
         if isinstance(target, SAMLayer):
             target.update_layer(adapter_name, peft_config)
             return
@@ -57,7 +59,10 @@ class SAMModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    def _post_injection_hook(self, model: nn.Module, config: SAMConfig, adapter_name: str) -> None:
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
+        """Inject the SAM layers; data-free selections (magnitude, random, bitfit) choose their entries here."""
+        super().inject_adapter(model, adapter_name, **kwargs)
+        config = self.peft_config[adapter_name]
         if not config.needs_calibration:
             from ...selection import select_data_free
 
@@ -69,7 +74,7 @@ class SAMModel(BaseTuner):
         pending = [
             name
             for name, module in model.named_modules()
-            if isinstance(module, SAMLayer) and module.sam_pending.get(adapter_name, False)
+            if isinstance(module, SAMLayer) and module.is_pending(adapter_name)
         ]
         if pending:
             raise SAMNotCalibratedError(
@@ -77,7 +82,9 @@ class SAMModel(BaseTuner):
                 f"e.g. {pending[0]}): call peft_sam.select_parameters(model, dataloader) before save_pretrained. "
                 "Nothing was written."
             )
-        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        to_return = super()._get_adapter_state_dict(
+            model, config, adapter_name, state_dict, unwanted_adapter_names
+        )
         save_dtype = getattr(config, "save_dtype", None)
         if save_dtype is not None:
             dtype = getattr(torch, save_dtype)
@@ -94,6 +101,15 @@ class SAMModel(BaseTuner):
         for name, module in model.named_modules():
             if not isinstance(module, SAMLayer):
                 continue
+            shape_key = f"{name}.sam_shapes.{adapter_name}"
+            if shape_key in remapped and adapter_name in module.sam_shapes:
+                module.sam_shapes[adapter_name] = remapped[shape_key].to(
+                    module.sam_shapes[adapter_name].device
+                )
+                try:
+                    module.check_shapes(adapter_name)
+                except ValueError as err:
+                    raise ValueError(f"Cannot load SAM adapter into module {name!r}: {err}") from err
             for tensor_name, (idx_name, val_name) in TENSOR_SLOTS.items():
                 idx_key = f"{name}.{idx_name}.{adapter_name}"
                 val_key = f"{name}.{val_name}.{adapter_name}"
@@ -108,7 +124,4 @@ class SAMModel(BaseTuner):
                     module.set_entries(adapter_name, tensor_name, indices, config=config)
                 except ValueError as err:
                     raise ValueError(f"Cannot load SAM adapter into module {name!r}: {err}") from err
-            if adapter_name in module.sam_pending:
-                module.sam_pending[adapter_name] = False
         return remapped
-

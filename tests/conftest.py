@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny randomly initialised transformers models (no network)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+)
+
+import peft_sam  # noqa: E402,F401  (registers the tuners)
+
+VOCAB = 64
+
+
+def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        num_labels=2,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2ForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32, num_labels=2, pad_token_id=0
+    )
+    return GPT2ForSequenceClassification(cfg).eval()
+
+
+def tiny_llama(seed: int = 0) -> LlamaForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        num_labels=2,
+        pad_token_id=0,
+    )
+    return LlamaForSequenceClassification(cfg).eval()
+
+
+MODEL_FACTORIES = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}
+
+
+def make_batches(num: int = 4, batch_size: int = 4, seq_len: int = 8, seed: int = 0) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        {
+            "input_ids": torch.randint(1, VOCAB, (batch_size, seq_len), generator=gen),
+            "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long),
+            "labels": torch.randint(0, 2, (batch_size,), generator=gen),
+        }
+        for _ in range(num)
+    ]
+
+
+@pytest.fixture
+def batches() -> list[dict]:
+    return make_batches()

@@ -1,0 +1,217 @@
+"""SAM as a PEFT tuner: round trips, frozen entries, merge/unmerge, several adapters, model families."""
+
+import os
+
+import pytest
+import torch
+from conftest import MODEL_FACTORIES, make_batches, tiny_bert
+from peft import AutoPeftModelForSequenceClassification, PeftModel, get_peft_model
+
+import peft_sam
+from peft_sam import SAMConfig, SAMLayer
+from peft_sam.selection import find_candidates
+
+
+def _sam_layers(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SAMLayer)]
+
+
+def _calibrated(model_name="bert", p=0.05, seed=0, **cfg_kwargs):
+    base = MODEL_FACTORIES[model_name](seed)
+    model = get_peft_model(base, SAMConfig(p=p, task_type="SEQ_CLS", **cfg_kwargs))
+    if model.peft_config["default"].needs_calibration:
+        peft_sam.select_parameters(model, make_batches(), num_batches=3, show_progress=False)
+    return model
+
+
+def _train(model, steps=5, lr=1e-2, weight_decay=0.1):
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
+    )
+    model.train()
+    for batch in make_batches(num=steps, seed=1):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+@pytest.mark.parametrize("model_name", ["bert", "gpt2", "llama"])
+def test_frozen_entries_never_move(model_name):
+    model = _calibrated(model_name)
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    _train(model)
+    moved_total = 0
+    for name, layer in _sam_layers(model):
+        for tensor_name in ("weight", "bias"):
+            found = layer.entries("default", tensor_name)
+            if found is None:
+                continue
+            idx, vals = found
+            base = layer.base_tensor(tensor_name)
+            key = f"{name}.base_layer.{tensor_name}"
+            assert torch.equal(base, theta0[key]), f"base tensor {key} changed during training"
+            effective = base.detach().clone().view(-1).index_add_(0, idx, vals.detach())
+            changed = torch.nonzero(effective != theta0[key].view(-1)).view(-1)
+            assert set(changed.tolist()) <= set(idx.tolist()), f"{key}: a non-selected entry moved"
+            moved_total += changed.numel()
+    assert moved_total > 0.9 * sum(m.num_entries("default") for _, m in _sam_layers(model))
+
+
+@pytest.mark.parametrize("model_name", ["bert", "gpt2", "llama"])
+def test_save_load_round_trip_is_bit_identical(tmp_path, model_name):
+    model = _calibrated(model_name)
+    _train(model, steps=3)
+    batch = make_batches(seed=5)[0]
+    expected = _logits(model, batch)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(MODEL_FACTORIES[model_name](0), tmp_path).eval()
+    assert torch.equal(_logits(loaded, batch), expected)
+    # file size: ~8 bytes per trained entry (int32 index + float32 value) plus the task head and the header
+    n_entries = sum(m.num_entries("default") for _, m in _sam_layers(model))
+    head = sum(p.numel() for n, p in model.named_parameters() if "modules_to_save" in n)
+    size = os.path.getsize(tmp_path / "adapter_model.safetensors")
+    payload = 8 * n_entries + 4 * head
+    assert payload <= size <= payload + 30_000
+
+
+def test_loading_takes_indices_from_the_file_even_on_a_perturbed_base(tmp_path):
+    model = _calibrated(selection="magnitude")
+    _train(model, steps=2)
+    model.save_pretrained(tmp_path)
+    saved = {
+        n: (m.sam_indices["default"].clone(), m.sam_values["default"].detach().clone())
+        for n, m in _sam_layers(model)
+    }
+
+    def perturbed_base():
+        base = tiny_bert(0)
+        with torch.no_grad():
+            for p in base.bert.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        return base
+
+    # the perturbed base would choose other entries by itself ...
+    own_choice = get_peft_model(
+        perturbed_base(), SAMConfig(p=0.05, selection="magnitude", task_type="SEQ_CLS")
+    )
+    assert any(not torch.equal(m.sam_indices["default"], saved[n][0]) for n, m in _sam_layers(own_choice))
+    # ... but loading restores exactly the saved entries and values
+    loaded = PeftModel.from_pretrained(perturbed_base(), tmp_path)
+    for name, layer in _sam_layers(loaded):
+        assert torch.equal(layer.sam_indices["default"], saved[name][0])
+        assert torch.equal(layer.sam_values["default"], saved[name][1])
+    assert not any(m.is_pending("default") for _, m in _sam_layers(loaded))
+
+
+def test_auto_peft_model_and_transformers_load_adapter(tmp_path):
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    tiny_bert(0).save_pretrained(base_dir)
+    from transformers import AutoModelForSequenceClassification
+
+    model = get_peft_model(
+        AutoModelForSequenceClassification.from_pretrained(base_dir), SAMConfig(p=0.05, task_type="SEQ_CLS")
+    )
+    peft_sam.select_parameters(model, make_batches(), num_batches=2, show_progress=False)
+    _train(model, steps=2)
+    model.save_pretrained(adapter_dir)
+    batch = make_batches(seed=9)[0]
+    expected = _logits(model, batch)
+    auto = AutoPeftModelForSequenceClassification.from_pretrained(adapter_dir).eval()
+    assert torch.equal(_logits(auto, batch), expected)
+    hf = AutoModelForSequenceClassification.from_pretrained(base_dir).eval()
+    hf.load_adapter(str(adapter_dir))
+    assert torch.equal(_logits(hf, batch), expected)
+
+
+@pytest.mark.parametrize("model_name", ["bert", "gpt2", "llama"])
+def test_merge_equals_forward_and_unmerge_restores_exactly(model_name):
+    model = _calibrated(model_name)
+    _train(model, steps=3)
+    batch = make_batches(seed=3)[0]
+    expected = _logits(model, batch)
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    model.merge_adapter()
+    torch.testing.assert_close(_logits(model, batch), expected, atol=1e-5, rtol=0)
+    model.unmerge_adapter()
+    for n, p in model.named_parameters():
+        if n in theta0:
+            assert torch.equal(p, theta0[n]), n
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, SAMLayer) for m in merged.modules())
+    torch.testing.assert_close(_logits(merged, batch), expected, atol=1e-5, rtol=0)
+
+
+def test_disable_adapter_gives_base_outputs_and_init_weights_false_changes_outputs():
+    base = tiny_bert(0)
+    batch = make_batches()[0]
+    reference = _logits(base, batch)
+    model = get_peft_model(tiny_bert(0), SAMConfig(p=0.05, selection="random", init_weights=False))
+    assert not torch.allclose(_logits(model, batch), reference)
+    with model.disable_adapter():
+        assert torch.equal(_logits(model, batch), reference)
+    identity = get_peft_model(tiny_bert(0), SAMConfig(p=0.05, selection="random"))
+    assert torch.equal(_logits(identity, batch), reference)
+
+
+def test_several_adapters_set_and_delete():
+    model = get_peft_model(tiny_bert(0), SAMConfig(p=0.05, selection="random", seed=1, init_weights=False))
+    model.add_adapter("other", SAMConfig(p=0.05, selection="magnitude", init_weights=False))
+    batch = make_batches()[0]
+    out_default = _logits(model, batch)
+    model.set_adapter("other")
+    out_other = _logits(model, batch)
+    assert not torch.equal(out_default, out_other)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".other" in n for n in trainable)
+    model.base_model.set_adapter(["default", "other"])  # both active: offsets add up
+    both = _logits(model, batch)
+    assert not torch.equal(both, out_default) and not torch.equal(both, out_other)
+    model.set_adapter("other")
+    model.delete_adapter("default")
+    assert "default" not in model.peft_config
+    assert all("default" not in m.sam_values for _, m in _sam_layers(model))
+    assert torch.equal(_logits(model, batch), out_other)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_forward(dtype):
+    model = get_peft_model(
+        tiny_bert(0).to(dtype), SAMConfig(p=0.05, selection="magnitude", init_weights=False)
+    )
+    out = _logits(model, make_batches()[0])
+    assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_trainable_parameter_count_and_head_is_modules_to_save():
+    model = _calibrated()
+    entries = sum(m.num_entries("default") for _, m in _sam_layers(model))
+    head = sum(p.numel() for n, p in model.named_parameters() if "modules_to_save" in n and p.requires_grad)
+    trainable, _ = model.get_nb_trainable_parameters()
+    assert trainable == entries + head
+    assert head == 32 * 2 + 2  # classifier Linear(32, 2)
+    names = {c.name for c in find_candidates(model, "default")}
+    assert not any(n.startswith("classifier") for n in names)
+    assert "bert.embeddings.word_embeddings" in names and "bert.embeddings.LayerNorm" in names
+
+
+def test_save_dtype_bf16_halves_value_bytes(tmp_path):
+    model = _calibrated(save_dtype="bfloat16")
+    _train(model, steps=2)
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    values = [v for k, v in tensors.items() if "sam_values" in k]
+    assert values and all(v.dtype == torch.bfloat16 for v in values)
+    assert all(v.dtype == torch.int32 for k, v in tensors.items() if "sam_indices" in k)
+    loaded = PeftModel.from_pretrained(tiny_bert(0), tmp_path)
+    for (_, a), (_, b) in zip(_sam_layers(model), _sam_layers(loaded)):
+        torch.testing.assert_close(
+            a.sam_values["default"].to(torch.bfloat16).float(), b.sam_values["default"]
+        )
