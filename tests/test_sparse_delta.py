@@ -73,3 +73,20 @@ def test_no_dense_weight_gradient_is_built():
     v.requires_grad_(True)
     sparse_delta_linear(x, w, b, oi, ii, v).sum().backward()
     assert w.grad is None and v.grad.shape == v.shape
+
+
+@pytest.mark.parametrize("concentrated", ["rows", "cols"])
+def test_restricted_weight_gradient_for_concentrated_masks(concentrated):
+    x, w, b, _, _, _ = _problem(out_f=16, in_f=12, k=1)
+    gen = torch.Generator().manual_seed(1)
+    if concentrated == "rows":  # all entries in 2 output rows: the row-restricted GEMM is used
+        out_idx = torch.tensor([3, 3, 3, 9, 9]).long()
+        in_idx = torch.tensor([0, 5, 11, 2, 7]).long()
+    else:  # all entries in 2 input columns
+        out_idx = torch.tensor([0, 4, 15, 2, 7]).long()
+        in_idx = torch.tensor([6, 6, 6, 1, 1]).long()
+    v = torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True)
+    sparse_delta_linear(x, w, b, out_idx, in_idx, v, strategy="dense").square().sum().backward()
+    v_ref = v.detach().clone().requires_grad_(True)
+    _dense_reference(x, w, b, out_idx, in_idx, v_ref).square().sum().backward()
+    torch.testing.assert_close(v.grad, v_ref.grad)

@@ -351,15 +351,16 @@ class Embedding(nn.Module, SAMLayer):
         if weight_entries is None:
             return result
         idx, vals = weight_entries
-        num_rows, dim = self.get_base_layer().weight.shape
-        rows, cols = torch.div(idx, dim, rounding_mode="floor"), idx % dim
-        # Offsets of the touched rows only, in a compact [U, dim] table; untouched rows contribute zero.
-        touched, compact_row = torch.unique(rows, return_inverse=True)
-        table = vals.new_zeros(touched.numel() + 1, dim)  # last row: zeros for untouched ids
-        table = table.index_put((compact_row, cols), vals, accumulate=True)
-        lookup = torch.full((num_rows,), touched.numel(), dtype=torch.long, device=x.device)
-        lookup[touched] = torch.arange(touched.numel(), device=x.device)
-        return result + table[lookup[x]].to(result.dtype)
+        dim = self.get_base_layer().weight.shape[1]
+        rows = torch.div(idx, dim, rounding_mode="floor")
+        # Only entries in rows that this batch looks up matter: build their offsets in a small
+        # [unique ids in batch, dim] table instead of a vocabulary-sized one.
+        batch_rows = torch.unique(x)
+        keep = torch.isin(rows, batch_rows)
+        table = vals.new_zeros(batch_rows.numel(), dim)
+        position = torch.searchsorted(batch_rows, rows[keep])
+        table = table.index_put((position, idx[keep] % dim), vals[keep], accumulate=True)
+        return result + table[torch.searchsorted(batch_rows, x)].to(result.dtype)
 
 
 class Functional(nn.Module, SAMLayer):
