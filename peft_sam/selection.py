@@ -60,18 +60,23 @@ def _strip_wrapper_prefix(name: str) -> str:
     return name
 
 
-def find_candidates(model: nn.Module, adapter_name: str) -> list[Candidate]:
-    """All (layer, tensor) pairs that ``adapter_name`` adapts, in module order."""
-    found = []
+def find_candidates(model: nn.Module, adapter_name: str, p: Optional[float] = None) -> list[Candidate]:
+    """All (layer, tensor) pairs in which ``adapter_name`` may choose entries, in module order."""
+    found, sizes = [], []
     for name, module in model.named_modules():
-        if isinstance(module, SAMLayer):
-            for tensor_name in ("weight", "bias"):
-                if module.entries(adapter_name, tensor_name) is not None:
-                    found.append(Candidate(_strip_wrapper_prefix(name), module, tensor_name))
-    if not found:
+        if isinstance(module, SAMLayer) and adapter_name in module.sam_candidates:
+            sizes += [module.base_tensor(t).numel() for t in module.adapted_tensor_names()]
+            for tensor_name in module.sam_candidates[adapter_name]:
+                found.append(Candidate(_strip_wrapper_prefix(name), module, tensor_name))
+    if not sizes:
         raise ValueError(
             f"The model has no SAM layers for adapter {adapter_name!r}: create it with "
             "get_peft_model(model, SAMConfig(...)) first."
+        )
+    if not found:
+        raise ValueError(
+            f"p={p} selects no entry at all: int(p * numel) is 0 for every adapted tensor (the largest has "
+            f"{max(sizes)} entries). Use p >= {1.0 / max(sizes):.2g} or scope='global'."
         )
     return found
 
@@ -166,7 +171,7 @@ def data_free_scores(candidates: list[Candidate], config: SAMConfig) -> list[tor
 
 def select_data_free(model: nn.Module, adapter_name: str, config: SAMConfig) -> int:
     """Choose the entries of a data-free selection; returns how many were chosen."""
-    candidates = find_candidates(model, adapter_name)
+    candidates = find_candidates(model, adapter_name, config.p)
     scores = data_free_scores(candidates, config)
     if config.selection == "bitfit":
         indices = [torch.nonzero(s.reshape(-1)).reshape(-1) for s in scores]
@@ -318,7 +323,7 @@ def select_parameters(
     start = time.perf_counter()
     adapter_name, config = _sam_config(model, adapter_name)
     method = method or config.selection
-    candidates = find_candidates(model, adapter_name)
+    candidates = find_candidates(model, adapter_name, config.p)
     num_candidates = sum(c.tensor.numel() for c in candidates)
     if method in DATA_FREE_SELECTIONS:
         cfg = copy.copy(config)

@@ -28,10 +28,11 @@ def _dense_scores(method: str, batches, clip: float = 1.0) -> dict[str, torch.Te
 
 
 def _selected(model) -> dict[str, torch.Tensor]:
-    return {
-        f"{c.name}.{c.tensor_name}": c.layer.entries("default", c.tensor_name)[0]
-        for c in find_candidates(model, "default")
-    }
+    chosen = {}
+    for c in find_candidates(model, "default"):
+        found = c.layer.entries("default", c.tensor_name)  # None: no entry chosen in this tensor
+        chosen[f"{c.name}.{c.tensor_name}"] = torch.empty(0, dtype=torch.long) if found is None else found[0]
+    return chosen
 
 
 def _calibrate(method: str, scope: str = "per_tensor", p: float = 0.05):
@@ -95,7 +96,7 @@ def test_random_is_seeded_and_differs_between_same_shape_layers():
 def test_magnitude_picks_largest_pretrained_entries():
     model = get_peft_model(tiny_bert(0), SAMConfig(p=0.1, selection="magnitude"))
     for cand in find_candidates(model, "default"):
-        idx = cand.layer.entries("default", cand.tensor_name)[0]
+        idx = _selected(model)[f"{cand.name}.{cand.tensor_name}"]
         mags = cand.tensor.detach().abs().reshape(-1)
         if idx.numel():
             rest = torch.ones_like(mags, dtype=torch.bool)
@@ -105,9 +106,12 @@ def test_magnitude_picks_largest_pretrained_entries():
 
 def test_bitfit_trains_all_biases_and_no_weight():
     model = get_peft_model(tiny_bert(0), SAMConfig(selection="bitfit"))
-    for cand in find_candidates(model, "default"):
-        idx = cand.layer.entries("default", cand.tensor_name)[0]
-        assert idx.numel() == (cand.tensor.numel() if cand.tensor_name == "bias" else 0)
+    assert all(c.tensor_name == "bias" for c in find_candidates(model, "default"))
+    for name, module in model.named_modules():
+        if isinstance(module, SAMLayer):
+            assert module.entries("default", "weight") is None  # no (empty) weight parameter at all
+            if getattr(module.get_base_layer(), "bias", None) is not None:
+                assert module.entries("default", "bias")[0].numel() == module.get_base_layer().bias.numel()
 
 
 def test_selection_runs_without_touching_the_trainable_flags_or_the_rng_of_training():

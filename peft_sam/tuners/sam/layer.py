@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -56,6 +56,8 @@ class SAMLayer(BaseTunerLayer):
         self.sam_bias_indices = BufferDict({}, persistent=True)
         # adapter name -> shapes of the adapted base tensors (saved, so a file never loads onto other shapes)
         self.sam_shapes = BufferDict({}, persistent=True)
+        # adapter name -> base tensors ("weight", "bias") a selection may choose entries in
+        self.sam_candidates: dict[str, list[str]] = {}
         # (adapter, buffer name) -> ((data_ptr, version, numel), pending?): is_pending without a sync per forward
         self._sam_pending_cache: dict[tuple[str, str], tuple[tuple[int, int, int], bool]] = {}
         self._sam_shapes_checked: dict[str, tuple[int, int]] = {}
@@ -64,6 +66,7 @@ class SAMLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
+        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
 
     # ------------------------------------------------------------------ adapter bookkeeping
     def adapted_tensor_names(self, include_bias: bool = True) -> list[str]:
@@ -85,6 +88,7 @@ class SAMLayer(BaseTunerLayer):
         can be loaded straight into them (transformers' ``load_adapter`` does that); a selection or PEFT's loading
         replaces them by the real indices.
         """
+        self.sam_candidates[adapter_name] = []
         for tensor_name in self.adapted_tensor_names(include_bias=config.include_bias):
             numel = self.base_tensor(tensor_name).numel()
             if config.selection == "bitfit":
@@ -93,6 +97,9 @@ class SAMLayer(BaseTunerLayer):
                 count = int(config.p * numel)
             else:
                 count = 1  # the global top-k share of this tensor is only known after selection
+            if count == 0:
+                continue  # this tensor can never hold an entry: no slot, no empty parameter
+            self.sam_candidates[adapter_name].append(tensor_name)
             placeholder = torch.full((count,), PENDING_INDEX, dtype=torch.long)
             self.set_entries(adapter_name, tensor_name, placeholder, config=config, _placeholder=True)
         self.sam_shapes[adapter_name] = self.base_shapes(config.include_bias).to(
@@ -149,6 +156,11 @@ class SAMLayer(BaseTunerLayer):
                 f"[{int(indices.min())}, {int(indices.max())}]: the adapter was made for a model with other shapes."
             )
         idx_name, val_name = TENSOR_SLOTS[tensor_name]
+        if indices.numel() == 0:  # nothing chosen in this tensor (global scope): drop the slot
+            for container in (getattr(self, idx_name), getattr(self, val_name)):
+                if adapter_name in container:
+                    del container[adapter_name]
+            return
         if values is None:
             init_weights = True if config is None else config.init_weights
             if init_weights:
@@ -193,6 +205,7 @@ class SAMLayer(BaseTunerLayer):
     def delete_adapter(self, adapter_name: str) -> None:  # noqa: D102
         super().delete_adapter(adapter_name)
         self._sam_pending_cache = {k: v for k, v in self._sam_pending_cache.items() if k[0] != adapter_name}
+        self.sam_candidates.pop(adapter_name, None)
         self._sam_merge_backup.pop(adapter_name, None)
 
     def _active_entries(self, tensor_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:

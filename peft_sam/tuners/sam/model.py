@@ -60,10 +60,14 @@ class SAMModel(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
-        """Inject the SAM layers; data-free selections (magnitude, random, bitfit) choose their entries here."""
+        """Inject the SAM layers; data-free selections (magnitude, random, bitfit) choose their entries here.
+
+        With ``low_cpu_mem_usage`` (PEFT's loading path) the placeholders stay on the meta device and the entries
+        come from the file.
+        """
         super().inject_adapter(model, adapter_name, **kwargs)
         config = self.peft_config[adapter_name]
-        if not config.needs_calibration:
+        if not config.needs_calibration and not kwargs.get("low_cpu_mem_usage", False):
             from ...selection import select_data_free
 
             select_data_free(model, adapter_name, config)
@@ -113,7 +117,10 @@ class SAMModel(BaseTuner):
             for tensor_name, (idx_name, val_name) in TENSOR_SLOTS.items():
                 idx_key = f"{name}.{idx_name}.{adapter_name}"
                 val_key = f"{name}.{val_name}.{adapter_name}"
-                if idx_key not in remapped or adapter_name not in getattr(module, val_name):
+                if adapter_name not in getattr(module, val_name):
+                    continue
+                if idx_key not in remapped:  # no entry in this tensor was saved (global scope): drop the slot
+                    module.set_entries(adapter_name, tensor_name, torch.empty(0, dtype=torch.long))
                     continue
                 indices, values = remapped[idx_key], remapped[val_key]
                 if indices.numel() != values.numel():
