@@ -60,7 +60,7 @@ def _strip_wrapper_prefix(name: str) -> str:
     return name
 
 
-def find_candidates(model: nn.Module, adapter_name: str, p: Optional[float] = None) -> list[Candidate]:
+def find_candidates(model: nn.Module, adapter_name: str, p: float | None = None) -> list[Candidate]:
     """All (layer, tensor) pairs in which ``adapter_name`` may choose entries, in module order."""
     found, sizes = [], []
     for name, module in model.named_modules():

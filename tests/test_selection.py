@@ -107,7 +107,7 @@ def test_magnitude_picks_largest_pretrained_entries():
 def test_bitfit_trains_all_biases_and_no_weight():
     model = get_peft_model(tiny_bert(0), SAMConfig(selection="bitfit"))
     assert all(c.tensor_name == "bias" for c in find_candidates(model, "default"))
-    for name, module in model.named_modules():
+    for _, module in model.named_modules():
         if isinstance(module, SAMLayer):
             assert module.entries("default", "weight") is None  # no (empty) weight parameter at all
             if getattr(module.get_base_layer(), "bias", None) is not None:
