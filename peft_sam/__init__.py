@@ -11,9 +11,11 @@ from peft import AutoPeftModel, AutoPeftModelForSequenceClassification, PeftMode
 from .io import install_atomic_adapter_writes
 from .registry import PeftSamType, register_tuner
 from .selection import SelectionSummary, select_parameters
+from .tuners.mpo import MPOConfig, MPOLayer, MPOModel
 from .tuners.sam import SAMConfig, SAMLayer, SAMModel, SAMNotCalibratedError
 
 register_tuner(PeftSamType.SAM, SAMConfig, SAMModel, prefix="sam_")
+register_tuner(PeftSamType.MPO, MPOConfig, MPOModel, prefix="mpo_")
 install_atomic_adapter_writes()
 
 __version__ = "0.1.0"
@@ -21,6 +23,9 @@ __version__ = "0.1.0"
 __all__ = [
     "AutoPeftModel",
     "AutoPeftModelForSequenceClassification",
+    "MPOConfig",
+    "MPOLayer",
+    "MPOModel",
     "PeftModel",
     "PeftSamType",
     "SAMConfig",

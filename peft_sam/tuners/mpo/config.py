@@ -1,0 +1,132 @@
+"""Configuration of the MPO tuner (MPOP: Liu et al., ACL 2021, "Enabling Lightweight Fine-tuning for Pre-trained
+Language Model Compression based on Matrix Product Operators")."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from peft.config import PeftConfig
+
+from ...registry import PeftSamType
+
+
+@dataclass
+class MPOConfig(PeftConfig):
+    """Fine-tune the auxiliary tensors of a matrix product operator (MPO) decomposition of each adapted weight.
+
+    Each target weight ``W0 [out, in]`` is split by TT-SVD into ``num_factors`` local tensors in mixed-canonical form
+    around the central tensor ``C`` (index ``(n - 1) // 2``), which stays frozen; the other ("auxiliary") tensors
+    ``A`` train. The layer computes ``y = x (W0 + MPO(A) - MPO(A0))^T + b`` with ``A0`` the initial auxiliaries, so
+    the adapted model equals the base model exactly before training. The adapter file holds the trained and the
+    initial auxiliaries (about 10-25 % of ``W`` untruncated); ``C`` is recomputed from ``W0`` and ``A0`` on load.
+    """
+
+    num_factors: int = field(
+        default=5, metadata={"help": "Number of local tensors n per weight (MPOP: 5); the central one is (n-1)//2."}
+    )
+    factor_overrides: dict[str, list[list[int] | None]] | None = field(
+        default=None,
+        metadata={
+            "help": "Per-module factorisation {module-name suffix or regex: [row factors, col factors]}; either list "
+            "may be None (automatic); the first matching key wins; each list's length sets that module's n."
+        },
+    )
+    max_bond: int | None = field(
+        default=None,
+        metadata={"help": "Truncate every bond dimension to at most this value; None keeps the exact decomposition."},
+    )
+    train_central: bool = field(
+        default=False,
+        metadata={
+            "help": "Also train the central tensor (MPOP 'full'), as a zero-initialised offset C - C0 that is saved; "
+            "False (MPOP lightweight) keeps it frozen and out of the adapter file."
+        },
+    )
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Module names or a regex to adapt, or 'all-linear'; None = every Linear/Conv1D layer of the "
+            "backbone, excluding modules_to_save (the task head)."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Module names or a regex never to adapt."}
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: auxiliaries start at the decomposition (identity, zero delta); False: randomly perturbed "
+            "auxiliaries, a non-zero delta (for tests)."
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the random perturbation used when init_weights=False."})
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained in full and saved (e.g. the task head)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftSamType.MPO
+        if not _is_int(self.num_factors) or self.num_factors < 2:
+            raise ValueError(
+                f"MPOConfig.num_factors must be an integer >= 2 (a central tensor plus at least one trainable "
+                f"auxiliary tensor), got {self.num_factors!r}."
+            )
+        if self.max_bond is not None and (not _is_int(self.max_bond) or self.max_bond < 1):
+            raise ValueError(f"MPOConfig.max_bond must be a positive integer or None, got {self.max_bond!r}.")
+        if self.factor_overrides is not None:
+            self.factor_overrides = _normalise_overrides(self.factor_overrides)
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _normalise_overrides(overrides: object) -> dict[str, list[list[int] | None]]:
+    """Check the structure of ``factor_overrides`` and return it with plain lists (JSON-friendly)."""
+    example = "e.g. factor_overrides={'intermediate.dense': [[4, 4, 8, 6, 4], [3, 4, 4, 4, 4]]}"
+    if not isinstance(overrides, dict):
+        raise ValueError(f"MPOConfig.factor_overrides must be a dict, got {type(overrides).__name__} ({example}).")
+    normalised: dict[str, list[list[int] | None]] = {}
+    for key, value in overrides.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"factor_overrides keys must be non-empty module names or regexes, got {key!r}.")
+        try:
+            re.compile(key)
+        except re.error as err:
+            raise ValueError(f"factor_overrides key {key!r} is not a valid regex: {err}.") from err
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+            raise ValueError(
+                f"factor_overrides[{key!r}] must be a pair [row factors, col factors] (either may be None), "
+                f"got {value!r} ({example})."
+            )
+        pair: list[list[int] | None] = []
+        for side, factors in zip(("row", "col"), value):
+            if factors is None:
+                pair.append(None)
+                continue
+            if isinstance(factors, (str, bytes)) or not isinstance(factors, Sequence) or len(factors) < 2:
+                raise ValueError(
+                    f"factor_overrides[{key!r}] {side} factors must be a list of >= 2 positive integers or None, "
+                    f"got {factors!r}."
+                )
+            if not all(_is_int(f) and f >= 1 for f in factors):
+                raise ValueError(
+                    f"factor_overrides[{key!r}] {side} factors must be positive integers, got {list(factors)!r}."
+                )
+            pair.append([int(f) for f in factors])
+        if pair[0] is not None and pair[1] is not None and len(pair[0]) != len(pair[1]):
+            raise ValueError(
+                f"factor_overrides[{key!r}]: row factors {pair[0]} and col factors {pair[1]} differ in length; "
+                "both sides need one factor per local tensor."
+            )
+        if pair[0] is None and pair[1] is None:
+            raise ValueError(f"factor_overrides[{key!r}] overrides nothing: give row and/or col factors.")
+        normalised[key] = pair
+    return normalised
