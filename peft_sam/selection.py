@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.utils import get_total_norm
 from tqdm.auto import tqdm
 
 from .tuners.sam.config import DATA_FREE_SELECTIONS, GRADIENT_SELECTIONS, SAMConfig
@@ -143,9 +144,7 @@ def _broadcast_from_rank0(indices: list[torch.Tensor]) -> list[torch.Tensor]:
     return list(torch.split(flat, sizes.tolist()))
 
 
-def _apply(
-    candidates: list[Candidate], adapter_name: str, indices: list[torch.Tensor], config: SAMConfig
-) -> None:
+def _apply(candidates: list[Candidate], adapter_name: str, indices: list[torch.Tensor], config: SAMConfig) -> None:
     for cand, idx in zip(candidates, indices):
         cand.layer.set_entries(adapter_name, cand.tensor_name, idx, config=config)
 
@@ -239,9 +238,7 @@ def gradient_scores(
     rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     done = 0
     try:
-        progress = tqdm(
-            total=num_batches, desc=f"SAM calibration ({method})", disable=not (show_progress and rank0)
-        )
+        progress = tqdm(total=num_batches, desc=f"SAM calibration ({method})", disable=not (show_progress and rank0))
         for batch in dataloader:
             if done >= num_batches:
                 break
@@ -250,26 +247,24 @@ def gradient_scores(
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"Calibration batch {done} gave a non-finite loss ({loss.item()}).")
             loss.backward()
-            grads = [p.grad for p in clip_params if p.grad is not None]
-            total_norm = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])
-            )
+            total_norm = get_total_norm([p.grad for p in clip_params if p.grad is not None])
             if not torch.isfinite(total_norm):
-                bad = next(
-                    c.name
-                    for c, t in zip(candidates, tensors)
-                    if t.grad is not None and not torch.isfinite(t.grad).all()
-                )
+                bad = [
+                    c.name for c, t in zip(candidates, tensors) if t.grad is not None and not t.grad.isfinite().all()
+                ]
+                where = f"first in {bad[0]}" if bad else "in the task head"
                 raise FloatingPointError(
-                    f"Calibration batch {done} produced NaN/inf gradients (first in {bad}): check the data, the "
-                    "learning-rate-free forward pass (fp16 overflow?) and the labels."
+                    f"Calibration batch {done} produced NaN/inf gradients ({where}): check the inputs and labels of "
+                    "that batch, and fp16 overflow in the forward pass."
                 )
             coef = 1.0 if clip_norm is None else min(1.0, float(clip_norm) / (float(total_norm) + 1e-6))
             for acc, t in zip(sums, tensors):
                 if t.grad is None:
                     continue
-                g = t.grad.double() * coef
-                acc.add_(g if method == "sam" else g * g)
+                if method == "sam":  # float64 accumulation without a float64 copy of each gradient
+                    acc.add_(t.grad, alpha=coef)
+                else:
+                    acc.addcmul_(t.grad, t.grad, value=coef * coef)
             done += 1
             progress.update(1)
         progress.close()
@@ -340,13 +335,9 @@ def select_parameters(
             time.perf_counter() - start,
         )
     if method not in GRADIENT_SELECTIONS:
-        raise ValueError(
-            f"method must be one of {GRADIENT_SELECTIONS + DATA_FREE_SELECTIONS}, got {method!r}."
-        )
+        raise ValueError(f"method must be one of {GRADIENT_SELECTIONS + DATA_FREE_SELECTIONS}, got {method!r}.")
     if dataloader is None:
-        raise ValueError(
-            f"selection {method!r} needs training batches: select_parameters(model, train_dataloader)."
-        )
+        raise ValueError(f"selection {method!r} needs training batches: select_parameters(model, train_dataloader).")
     scores, used = gradient_scores(
         model,
         candidates,
