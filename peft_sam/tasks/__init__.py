@@ -23,3 +23,17 @@ __all__ = [
     "resolve_data_dir",
     "tokenize_task",
 ]
+
+# methods table and the shared training loop (examples/train_glue.py, benchmarks)
+from .methods import METHODS, MethodInfo, MethodSpec, build_peft_model, prepare_base_model  # noqa: E402
+from .training import TrainConfig, train_and_evaluate  # noqa: E402
+
+__all__ += [
+    "METHODS",
+    "MethodInfo",
+    "MethodSpec",
+    "TrainConfig",
+    "build_peft_model",
+    "prepare_base_model",
+    "train_and_evaluate",
+]
