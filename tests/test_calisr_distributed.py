@@ -1,0 +1,82 @@
+"""CaliSr on one process and on two (torch.distributed, gloo, CPU, DDP, spawned here): the same measurements, the
+same switch step, identical parameters."""
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+STEPS = 6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(world: int = 1):
+    """CaliSr-S (LoRA) for STEPS steps; every rank sees the same full batches, so DDP's averaged gradient is exactly
+    the single-process one and the runs must agree bit for bit."""
+    from conftest import make_batches, tiny_bert
+    from peft import LoraConfig, get_peft_model
+
+    from peft_sam import CaliSrConfig, CaliSrController
+    from peft_sam.tuners.calisr import calisr_param_groups
+
+    model = get_peft_model(
+        tiny_bert(0),
+        CaliSrConfig(
+            adapter=LoraConfig(r=4, target_modules=["query", "key", "value", "dense"]),
+            task_type="SEQ_CLS",
+            sr_interval=1,
+            decide_every=2,
+            delta=0.0,
+        ),
+    )
+    model.eval()
+    optimizer = torch.optim.AdamW(calisr_param_groups(model, weight_decay=0.1), lr=3e-3)
+    wrapped = model
+    if world > 1:
+        try:
+            CaliSrController(torch.nn.parallel.DistributedDataParallel(model), optimizer, steps_per_epoch=2)
+        except ValueError as err:
+            assert "find_unused_parameters=True" in str(err)
+        else:
+            raise AssertionError("DDP without find_unused_parameters must be refused")
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    controller = CaliSrController(wrapped, optimizer, steps_per_epoch=2)
+    for batch in make_batches(num=STEPS, seed=1):
+        wrapped(**batch).loss.backward()
+        controller.step()
+        optimizer.zero_grad()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return {"history": controller.history, "switched_at": controller.switched_at, "params": params}
+
+
+def _worker(rank, world, port, out_dir):
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(_run(world), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_same_switch_step_and_parameters_on_one_and_two_processes(tmp_path):
+    single = _run(1)
+    switched = {g: s for g, s in single["switched_at"].items() if s is not None}
+    assert switched and len(switched) < 3  # a real SRS decision switched some group, not all
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        run = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        assert run["switched_at"] == single["switched_at"], rank
+        assert run["history"] == single["history"], rank  # same SR values, decisions and switch steps
+        for name, value in single["params"].items():
+            assert torch.equal(run["params"][name], value), (rank, name)
