@@ -65,6 +65,7 @@ METHODS: dict[str, MethodSpec] = {
             needs_update_and_allocate=True,
         ),
         MethodSpec("shira", "peft", "PEFT SHiRA r=8 (random sparse mask), every backbone Linear", 1e-3),
+        MethodSpec("mpo", "peft", "MPOP: auxiliary tensors of a 5-site MPO of every backbone Linear", 5e-4),
         MethodSpec(
             "supertuning",
             "peft",
@@ -246,6 +247,8 @@ def build_peft_model(
             deltaT=max(1, min(10, total_steps // 20)),
             **common,
         )
+    elif method == "mpo":
+        config = peft_sam.MPOConfig(target_modules=linears, seed=seed, **common)
     elif method == "shira":
         config = peft.ShiraConfig(r=lora_r, target_modules=linears, random_seed=seed, **common)
     elif method == "supertuning":
