@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils import get_total_norm
 from tqdm.auto import tqdm
 
+from .tuners._common import resolve_adapter_config
 from .tuners.sam.config import DATA_FREE_SELECTIONS, GRADIENT_SELECTIONS, SAMConfig
 from .tuners.sam.layer import SAMLayer
 
@@ -83,17 +84,7 @@ def find_candidates(model: nn.Module, adapter_name: str, p: float | None = None)
 
 
 def _sam_config(model: nn.Module, adapter_name: str | None) -> tuple[str, SAMConfig]:
-    configs = getattr(model, "peft_config", None) or {}
-    if adapter_name is None:
-        active = getattr(model, "active_adapter", None)
-        adapter_name = active if isinstance(active, str) else (active[0] if active else None)
-        if adapter_name is None and len(configs) == 1:
-            adapter_name = next(iter(configs))
-    config = configs.get(adapter_name)
-    if not isinstance(config, SAMConfig):
-        kind = type(config).__name__ if config is not None else "no config"
-        raise ValueError(f"Adapter {adapter_name!r} is not a SAM adapter ({kind}); pass adapter_name=... .")
-    return adapter_name, config
+    return resolve_adapter_config(model, adapter_name, SAMConfig, "get_peft_model(model, SAMConfig(...))")
 
 
 # ---------------------------------------------------------------------------------------------------- top-k

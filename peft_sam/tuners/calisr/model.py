@@ -14,6 +14,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .._common import resolve_adapter_config
 from .config import CaliSrConfig
 from .layer import CaliSrLayer, Linear
 
@@ -283,20 +284,7 @@ def calisr_layers(model: nn.Module, adapter_name: str | None = None) -> list[tup
 
 
 def _calisr_config(model: nn.Module, adapter_name: str | None) -> tuple[str, CaliSrConfig]:
-    configs = getattr(model, "peft_config", None) or {}
-    if adapter_name is None:
-        active = getattr(model, "active_adapter", None)
-        adapter_name = active if isinstance(active, str) else (active[0] if active else None)
-        if adapter_name is None and len(configs) == 1:
-            adapter_name = next(iter(configs))
-    config = configs.get(adapter_name)
-    if not isinstance(config, CaliSrConfig):
-        kind = type(config).__name__ if config is not None else "no config"
-        raise ValueError(
-            f"Adapter {adapter_name!r} is not a CaliSr adapter ({kind}): create the model with "
-            "get_peft_model(model, CaliSrConfig(adapter=...)) or pass adapter_name=... ."
-        )
-    return adapter_name, config
+    return resolve_adapter_config(model, adapter_name, CaliSrConfig, "get_peft_model(model, CaliSrConfig(adapter=...))")
 
 
 @contextlib.contextmanager

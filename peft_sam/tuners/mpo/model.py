@@ -6,10 +6,11 @@ import copy
 import re
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 
+from .._common import match_supported_module
 from .config import MPOConfig
 from .layer import SUPPORTED_MODULES, Linear, MPOLayer, override_key_for, resolve_factors
 
@@ -30,19 +31,9 @@ class MPOModel(BaseTuner):
         return peft_config  # target_modules=None means "every Linear/Conv1D", resolved per module below
 
     def _check_target_module_exists(self, peft_config: MPOConfig, key: str):
-        if peft_config.target_modules is not None:
-            return check_target_module_exists(peft_config, key)
-        probe = copy.copy(peft_config)
-        probe.target_modules = ".*"  # exclude_modules and modules_to_save still apply
-        result = check_target_module_exists(probe, key)
-        if isinstance(result, _ExcludedModule) or not result:
-            return result
-        module = self.model.get_submodule(key)
-        if isinstance(module, MPOLayer):
-            return True
-        if isinstance(module, BaseTunerLayer) or any(isinstance(m, BaseTunerLayer) for m in module.modules()):
-            return False  # another tuner's layer or a container of adapted modules
-        return isinstance(module, SUPPORTED_MODULES)
+        return match_supported_module(
+            self.model, peft_config, key, MPOLayer, lambda m: isinstance(m, SUPPORTED_MODULES)
+        )
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if isinstance(target, MPOLayer):
@@ -113,9 +104,11 @@ class MPOModel(BaseTuner):
                     tensor = sites[key]
                     if tensor.dtype in _UPCAST_DTYPES:
                         cast = tensor.detach().to(torch.float32)
-                        sites[key] = nn.Parameter(cast, requires_grad=tensor.requires_grad) if isinstance(
-                            tensor, nn.Parameter
-                        ) else cast
+                        sites[key] = (
+                            nn.Parameter(cast, requires_grad=tensor.requires_grad)
+                            if isinstance(tensor, nn.Parameter)
+                            else cast
+                        )
 
     # ------------------------------------------------------------------ save / load hooks
     @classmethod

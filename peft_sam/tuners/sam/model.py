@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import copy
-
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from .._common import match_supported_module
 from .config import SAMConfig
 from .layer import TENSOR_SLOTS, SAMLayer, SAMNotCalibratedError, sam_layer_class_for
 
@@ -26,23 +25,11 @@ class SAMModel(BaseTuner):
         return peft_config  # target_modules=None means "every supported module", resolved per module below
 
     def _check_target_module_exists(self, peft_config: SAMConfig, key: str):
-        if peft_config.target_modules is not None:
-            return check_target_module_exists(peft_config, key)
-        probe = copy.copy(peft_config)
-        probe.target_modules = ".*"  # exclude_modules and modules_to_save still apply
-        result = check_target_module_exists(probe, key)
-        if isinstance(result, _ExcludedModule) or not result:
-            return result
-        module = self.model.get_submodule(key)
-        if isinstance(module, BaseTunerLayer):
-            return True
-        if any(isinstance(m, BaseTunerLayer) for m in module.modules()):
-            return False  # a container of adapted modules (e.g. a previous adapter's wrapper)
-        return sam_layer_class_for(module) is not None
+        return match_supported_module(
+            self.model, peft_config, key, SAMLayer, lambda m: sam_layer_class_for(m) is not None
+        )
 
-    def _create_and_replace(
-        self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs
-    ):
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if isinstance(target, SAMLayer):
             target.update_layer(adapter_name, peft_config)
             return
@@ -86,9 +73,7 @@ class SAMModel(BaseTuner):
                 f"e.g. {pending[0]}): call peft_sam.select_parameters(model, dataloader) before save_pretrained. "
                 "Nothing was written."
             )
-        to_return = super()._get_adapter_state_dict(
-            model, config, adapter_name, state_dict, unwanted_adapter_names
-        )
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         save_dtype = getattr(config, "save_dtype", None)
         if save_dtype is not None:
             dtype = getattr(torch, save_dtype)
@@ -107,9 +92,7 @@ class SAMModel(BaseTuner):
                 continue
             shape_key = f"{name}.sam_shapes.{adapter_name}"
             if shape_key in remapped and adapter_name in module.sam_shapes:
-                module.sam_shapes[adapter_name] = remapped[shape_key].to(
-                    module.sam_shapes[adapter_name].device
-                )
+                module.sam_shapes[adapter_name] = remapped[shape_key].to(module.sam_shapes[adapter_name].device)
                 try:
                     module.check_shapes(adapter_name)
                 except ValueError as err:
