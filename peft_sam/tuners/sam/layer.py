@@ -373,7 +373,7 @@ class Embedding(nn.Module, SAMLayer):
         table = vals.new_zeros(batch_rows.numel(), dim)
         position = torch.searchsorted(batch_rows, rows[keep])
         table = table.index_put((position, idx[keep] % dim), vals[keep], accumulate=True)
-        return result + table[torch.searchsorted(batch_rows, x)].to(result.dtype)
+        return result + table[torch.searchsorted(batch_rows, x.contiguous())].to(result.dtype)
 
 
 class Functional(nn.Module, SAMLayer):
