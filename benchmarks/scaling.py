@@ -46,6 +46,7 @@ from common import (  # noqa: E402
     machine_line,
     md_table,
     median,
+    read_jsonl,
     return_freed_memory_to_os,
 )
 
@@ -400,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--out-dir", default=str(RESULTS_DIR))
     parser.add_argument("--tag", default="", help="suffix of the output names (scaling<tag>.md ...)")
+    parser.add_argument("--render-only", action="store_true", help="only rebuild scaling.md/.png from the JSONL")
     parser.add_argument("--memory-worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -427,44 +429,59 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.worker_out).write_text(json.dumps(memory_width(args.memory_worker, keys, args)))
         return 0
 
-    info = machine_info()
-    print(f"machine: {machine_line(info)}", flush=True)
-    rows = []
-    for width in args.widths:
-        t0 = time.perf_counter()
-        timed = time_width(width, keys, args)
-        mem = run_memory_subprocess(width, args) if args.memory == "subprocess" else {}
-        for (name, p), res in timed.items():
-            rows.append(
-                {
-                    "width": width,
-                    "method": name,
-                    "p": p,
-                    "tokens": args.tokens,
-                    "mask": args.mask,
-                    "device": args.device,
-                    "step_seconds": res["step_seconds"],
-                    "trainable": res["trainable"],
-                    "rounds": res["n"],
-                    "peak_bytes": mem.get(f"{name}|{p}"),
-                }
-            )
-        summary = ", ".join(
-            f"{n}{'' if p is None else f'@{p}'} {timed[(n, p)]['step_seconds'] * 1000:.1f}ms"
-            for n, p in keys
-            if p in (None, 0.005)
-        )
-        print(f"width {width} ({time.perf_counter() - t0:.0f} s): {summary}", flush=True)
-    info["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for r in rows:
-        append_jsonl(out / f"scaling{args.tag}.jsonl", {**r, "run": info})
+    jsonl = out / f"scaling{args.tag}.jsonl"
+    info = machine_info()
+    if not args.render_only:
+        print(f"machine: {machine_line(info)}", flush=True)
+        for width in args.widths:
+            t0 = time.perf_counter()
+            timed = time_width(width, keys, args)
+            mem = run_memory_subprocess(width, args) if args.memory == "subprocess" else {}
+            run = {**info, "loadavg_end": [round(v, 2) for v in os.getloadavg()]}
+            for (name, p), res in timed.items():  # written per width: an interrupted run keeps what it did
+                append_jsonl(
+                    jsonl,
+                    {
+                        "width": width,
+                        "method": name,
+                        "p": p,
+                        "tokens": args.tokens,
+                        "mask": args.mask,
+                        "device": args.device,
+                        "step_seconds": res["step_seconds"],
+                        "trainable": res["trainable"],
+                        "rounds": res["n"],
+                        "peak_bytes": mem.get(f"{name}|{p}"),
+                        "run": run,
+                    },
+                )
+            summary = ", ".join(
+                f"{n}{'' if p is None else f'@{p}'} {timed[(n, p)]['step_seconds'] * 1000:.1f}ms"
+                for n, p in keys
+                if p in (None, 0.005)
+            )
+            print(f"width {width} ({time.perf_counter() - t0:.0f} s): {summary}", flush=True)
+    # the report covers every width in the JSONL (newest row per width/variant/p), so runs can be split
+    latest: dict[tuple, dict[str, Any]] = {}
+    for r in read_jsonl(jsonl):
+        if r.get("mask") == args.mask and r.get("tokens") == args.tokens:
+            latest[(r["width"], r["method"], r["p"])] = r
+    rows = sorted(latest.values(), key=lambda r: (r["width"], r["method"], r["p"] or 0.0))
+    if not rows:
+        print(f"no rows in {jsonl}")
+        return 1
+    runs = {r["run"]["date"]: r["run"] for r in rows}
+    info = runs[max(runs)]
+    if len(runs) > 1:
+        info = {**info, "date": " / ".join(sorted(runs))}
+    info["loadavg_end"] = sorted({str(r["run"].get("loadavg_end")) for r in rows})
     md = render(rows, info, args)
     (out / f"scaling{args.tag}.md").write_text(md, encoding="utf-8")
     plot(rows, out / f"scaling{args.tag}.png", args.ps)
     print(md)
-    for c in (crossover(rows, w) for w in args.widths):
+    for c in (crossover(rows, w) for w in sorted({r["width"] for r in rows})):
         print(f"crossover width {c['width']}: {c.get('crossover_p') or c.get('note')}")
     return 0
 
