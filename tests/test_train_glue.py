@@ -237,3 +237,56 @@ def test_resume_restores_sam_indices_and_optimizer(tiny_bert: str, tmp_path: Pat
     assert summary_resumed["sam_indices_sha256"] == summary_straight["sam_indices_sha256"]
     assert summary_resumed["history"] == summary_straight["history"]
     assert [h["step"] for h in summary_resumed["history"]] == [2, 4, 6]
+
+
+def _test_logits(model_dir: str, adapter_dir: str, cfg: TrainConfig) -> torch.Tensor:
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    splits = load_task("rte", seed=cfg.split_seed)
+    test = tokenize_task({"test": splits["test"].select(range(cfg.max_eval_samples))}, tokenizer, "rte", 48)
+    loader = DataLoader(test["test"], batch_size=16, collate_fn=get_collator("rte", tokenizer))
+    with torch.no_grad():
+        return torch.cat([model(**{k: v for k, v in b.items() if k != "labels"}).logits for b in loader])
+
+
+def test_calisr_fixed_switch_in_the_training_loop(tiny_bert: str, tmp_path: Path) -> None:
+    # --method calisr --calisr-switch-at 0.5: every group switches after 4 of 8 steps; W_extra then stops
+    # changing, and the best checkpoint (step 2, 4, 6 or 8) restores W_extra as it was at that step
+    cfg = _config(
+        tiny_bert, tmp_path / "fixed", method="calisr", calisr_adapter="lora", calisr_switch_at=0.5,
+        max_steps=8, eval_every=2, lr=1e-2, calisr_extra_lr=1e-2, save_final_state=True,
+    )  # fmt: skip
+    summary = train_and_evaluate(cfg, log=_quiet)
+    info = summary["calisr"]
+    assert set(info["switched_at"]) == {"attention", "ffn1", "ffn2"}
+    assert set(info["switched_at"].values()) == {4} and set(info["phase"].values()) == {"lft"}
+    sizes = info["sizes"]
+    assert sizes["extra"] > 0 and sizes["trainable_after_switch"] < sizes["trainable_before_switch"]
+    log = [json.loads(line) for line in (tmp_path / "fixed" / "calisr.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log if e["event"] == "switch"] == [4, 4, 4]
+
+    # the optimizer no longer holds W_extra, and the final W_extra is non-zero (it trained for 4 steps)
+    state = load_file(str(tmp_path / "fixed" / "state" / "model.safetensors"))
+    extras = {k: v for k, v in state.items() if "calisr_extra" in k}
+    assert extras and all(bool(v.abs().sum() > 0) for v in extras.values())
+
+    # the saved best adapter reproduces the test predictions exactly
+    logits = _test_logits(tiny_bert, summary["saved_to"], cfg)
+    assert logits.argmax(-1).tolist() == summary["test_predictions"]
+
+
+def test_calisr_sam_measures_and_reloads(tiny_bert: str, tmp_path: Path) -> None:
+    # CaliSr(SAM), variant D: the wrapped SAM adapter is calibrated inside the loop, SR is measured every 2
+    # steps, the decision comes at the end of the (single) epoch; the saved adapter holds the SAM indices
+    cfg = _config(
+        tiny_bert, tmp_path / "sam", method="calisr", calisr_adapter="sam", calisr_variant="D",
+        calisr_sr_interval=2, max_steps=8, eval_every=4,
+    )  # fmt: skip
+    summary = train_and_evaluate(cfg, log=_quiet)
+    info = summary["calisr"]
+    assert list(info["phase"]) == ["model"] and info["measurements"] == 4
+    assert summary["calibration"]["num_batches"] == 4 and summary["sam_indices_sha256"] is not None
+    assert 0 < info["measure_share"] < 1
+    logits = _test_logits(tiny_bert, summary["saved_to"], cfg)
+    assert logits.argmax(-1).tolist() == summary["test_predictions"]

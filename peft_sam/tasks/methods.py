@@ -22,6 +22,7 @@ __all__ = [
     "METHODS",
     "MethodInfo",
     "MethodSpec",
+    "CALISR_ADAPTERS",
     "build_peft_model",
     "count_parameters",
     "head_module_names",
@@ -34,7 +35,7 @@ class MethodSpec:
     """One row of the method table."""
 
     name: str
-    family: str  # "sam" (peft_sam.SAMConfig), "peft" (a PEFT built-in), "full" (no adapter)
+    family: str  # "sam" (peft_sam.SAMConfig), "peft" (a PEFT built-in or MPO), "calisr", "full" (no adapter)
     description: str
     default_lr: float  # a sane learning rate for MiniLM (BERT, 6 layers, hidden 384), batch 16
     needs_calibration: bool = False
@@ -67,6 +68,12 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("shira", "peft", "PEFT SHiRA r=8 (random sparse mask), every backbone Linear", 1e-3),
         MethodSpec("mpo", "peft", "MPOP: auxiliary tensors of a 5-site MPO of every backbone Linear", 5e-4),
         MethodSpec(
+            "calisr",
+            "calisr",
+            "CaliSr: full FT (W_extra) switching to the wrapped LoRA/SAM/MPO by stable rank (--calisr-adapter)",
+            1e-3,
+        ),
+        MethodSpec(
             "supertuning",
             "peft",
             "PEFT Super-Tuning: top-|theta_0| sparse support of 1-p, every Linear",
@@ -74,6 +81,10 @@ METHODS: dict[str, MethodSpec] = {
         ),
     )
 }
+
+
+# the lightweight methods CaliSr can wrap (--calisr-adapter) -> the METHODS row whose config is wrapped
+CALISR_ADAPTERS = {"lora": "lora", "mpo": "mpo", "sam": "sam"}
 
 
 @dataclass
@@ -171,11 +182,19 @@ def build_peft_model(
     num_calibration_batches: int = 600,
     num_virtual_tokens: int = 20,
     total_steps: int | None = None,
+    calisr_adapter: str = "lora",
+    calisr_variant: str = "S",
+    calisr_switch_at: float | None = None,
+    calisr_delta: float = 0.5,
+    calisr_sr_interval: int | None = None,
 ) -> tuple[nn.Module, MethodInfo]:
     """Wrap ``base_model`` for ``method`` (a key of :data:`METHODS`); returns ``(model, info)``.
 
     The task head stays fully trainable (PEFT's ``SEQ_CLS`` does it for classification; for multiple choice
     the head goes into ``modules_to_save`` explicitly). ``total_steps`` is required by ``adalora``.
+    ``method="calisr"`` wraps the config of ``calisr_adapter`` (lora, mpo or sam) in a
+    :class:`peft_sam.CaliSrConfig` (``calisr_variant`` S/D, ``calisr_delta``, ``calisr_sr_interval``, and
+    ``calisr_switch_at`` for the fixed-switch control); train it with :class:`peft_sam.CaliSrController`.
     If ``info.needs_calibration``, call ``peft_sam.select_parameters(model, train_dataloader)`` before
     building the optimizer.
     """
@@ -202,6 +221,59 @@ def build_peft_model(
         trainable, total = count_parameters(base_model)
         return base_model, MethodInfo(method, False, False, False, trainable, total, {"method": "full"})
 
+    needs_calibration = mspec.needs_calibration
+    if mspec.family == "calisr":
+        if calisr_adapter not in CALISR_ADAPTERS:
+            raise ValueError(f"--calisr-adapter must be one of {sorted(CALISR_ADAPTERS)}, got {calisr_adapter!r}.")
+        inner_method = CALISR_ADAPTERS[calisr_adapter]
+        inner = _method_config(inner_method, base_model, heads, {}, p, lora_r, lora_alpha, lora_dropout, seed,
+                               num_calibration_batches, num_virtual_tokens, total_steps)
+        config = peft_sam.CaliSrConfig(
+            adapter=inner,
+            variant=calisr_variant,
+            delta=calisr_delta,
+            sr_interval=calisr_sr_interval,
+            switch_at=calisr_switch_at,
+            **common,
+        )
+        needs_calibration = METHODS[inner_method].needs_calibration
+    else:
+        config = _method_config(method, base_model, heads, common, p, lora_r, lora_alpha, lora_dropout, seed,
+                                num_calibration_batches, num_virtual_tokens, total_steps)
+
+    model = peft.get_peft_model(base_model, config)
+    trainable, total = count_parameters(model)
+    return model, MethodInfo(
+        method,
+        True,
+        needs_calibration,
+        mspec.needs_update_and_allocate,
+        trainable,
+        total,
+        {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))},
+    )
+
+
+def _method_config(
+    method: str,
+    base_model: nn.Module,
+    heads: list[str],
+    common: dict[str, Any],
+    p: float,
+    lora_r: int,
+    lora_alpha: int,
+    lora_dropout: float,
+    seed: int,
+    num_calibration_batches: int,
+    num_virtual_tokens: int,
+    total_steps: int | None,
+) -> Any:
+    """The PEFT config of an adapter method (``common``: task type / modules to save)."""
+    import peft
+
+    import peft_sam
+
+    mspec = METHODS[method]
     linears = _linear_backbone_regex(base_model, heads)
     if mspec.family == "sam":
         config = peft_sam.SAMConfig(
@@ -255,15 +327,4 @@ def build_peft_model(
         config = peft.SupertuningConfig(sparsity=1.0 - p, target_modules=linears, **common)
     else:  # pragma: no cover - every METHODS row is handled above
         raise AssertionError(method)
-
-    model = peft.get_peft_model(base_model, config)
-    trainable, total = count_parameters(model)
-    return model, MethodInfo(
-        method,
-        True,
-        mspec.needs_calibration,
-        mspec.needs_update_and_allocate,
-        trainable,
-        total,
-        {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))},
-    )
+    return config

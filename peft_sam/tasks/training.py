@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
 from .data import get_spec, load_task
-from .methods import METHODS, MethodInfo, build_peft_model
+from .methods import CALISR_ADAPTERS, METHODS, MethodInfo, build_peft_model
 from .metrics import compute_metrics
 from .preprocess import get_collator, model_class_for, tokenize_task
 
@@ -83,6 +83,20 @@ class TrainConfig:
         default=600, metadata={"help": "SAM/fisher calibration (reference: 600)"}
     )
     lora_r: int = 8
+    calisr_adapter: str = field(default="lora", metadata={"help": "--method calisr: the wrapped lora|mpo|sam"})
+    calisr_variant: str = field(default="S", metadata={"help": "--method calisr: S (per group) or D (model)"})
+    calisr_switch_at: float | None = field(
+        default=None, metadata={"help": "--method calisr: fixed switch after this fraction of training (control)"}
+    )
+    calisr_delta: float = field(default=0.5, metadata={"help": "--method calisr: switch when SRS > delta"})
+    calisr_sr_interval: int | None = field(
+        default=None, metadata={"help": "--method calisr: steps between SR measurements; default epoch/5"}
+    )
+    calisr_extra_lr: float | None = field(
+        default=None,
+        metadata={"help": "--method calisr: lr of W_extra (the full-FT part); default: full FT's default lr"},
+    )
+    calisr_sr_backend: str = field(default="svd", metadata={"help": "--method calisr: svd or gram (both exact)"})
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     max_steps: int | None = field(default=None, metadata={"help": "overrides epochs"})
@@ -130,6 +144,10 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         kwargs: dict[str, Any] = {"type": conv, "default": f.default, "help": help_text}
         if f.name == "method":
             kwargs["choices"] = sorted(METHODS)
+        elif f.name == "calisr_adapter":
+            kwargs["choices"] = sorted(CALISR_ADAPTERS)
+        elif f.name == "calisr_variant":
+            kwargs["choices"] = ["S", "D"]
         parser.add_argument(flag, **kwargs)
     return parser
 
@@ -255,7 +273,7 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
 
     ``log`` receives one line per evaluation and event (default: printed by the main process).
     """
-    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer, get_linear_schedule_with_warmup
@@ -274,8 +292,11 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
     # torchrun / `accelerate launch --multi_gpu` on a machine without GPUs: accelerate only sets up gloo
     # (MULTI_CPU) when told cpu=True; otherwise every process would silently train alone.
     cpu_ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    calisr = mspec.family == "calisr"
     accelerator = Accelerator(
         cpu=cfg.cpu or cpu_ranks,
+        # after a CaliSr switch W_extra gets no gradient: DDP must not wait for it
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if calisr else None,
         mixed_precision=cfg.mixed_precision,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
@@ -327,6 +348,11 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
         seed=cfg.seed,
         num_calibration_batches=cfg.num_calibration_batches,
         total_steps=total_steps,
+        calisr_adapter=cfg.calisr_adapter,
+        calisr_variant=cfg.calisr_variant,
+        calisr_switch_at=cfg.calisr_switch_at,
+        calisr_delta=cfg.calisr_delta,
+        calisr_sr_interval=cfg.calisr_sr_interval,
     )
     progress = _Progress()
     if info.needs_calibration and cfg.resume_from:
@@ -339,6 +365,7 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
         )
         devices = [accelerator.device] if accelerator.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
+            # CaliSr(SAM): select_parameters sees the wrapped SAM adapter through sam_selection_view itself
             sel = peft_sam.select_parameters(
                 model.to(accelerator.device),
                 calib,
@@ -363,8 +390,19 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
     info.trainable_params = sum(p.numel() for _, p in _trainable_named(model))
 
     # ---- optimiser, schedule, prepare
+    # fixed at the start: a CaliSr switch freezes W_extra, but the best checkpoint must still restore it
+    tracked_names = [n for n, _ in _trainable_named(model)]
     params = [p for _, p in _trainable_named(model)]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    if calisr:
+        from ..tuners.calisr import calisr_param_groups
+
+        extra_lr = cfg.calisr_extra_lr if cfg.calisr_extra_lr is not None else METHODS["full"].default_lr
+        groups = calisr_param_groups(model, weight_decay=cfg.weight_decay)
+        for group in groups:
+            group["lr"] = extra_lr if group["calisr"] == "extra" else lr
+        optimizer = torch.optim.AdamW(groups, lr=lr)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     # a prepared scheduler steps once per process per optimizer step (accelerate's convention)
     scheduler = get_linear_schedule_with_warmup(
         optimizer, math.ceil(cfg.warmup_ratio * total_steps) * world, total_steps * world
@@ -373,6 +411,17 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
         model, optimizer, train_dl, val_dl, test_dl, scheduler
     )
     accelerator.register_for_checkpointing(progress)
+    controller = None
+    if calisr:
+        controller = peft_sam.CaliSrController(
+            model,
+            optimizer,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=total_steps,
+            log_path=out_dir / "calisr.jsonl" if accelerator.is_main_process else None,
+            sr_backend=cfg.calisr_sr_backend,
+        )
+        accelerator.register_for_checkpointing(controller)
     if cfg.resume_from:
         accelerator.load_state(cfg.resume_from)
         say(f"Resumed from {cfg.resume_from} at step {progress.step}")
@@ -395,7 +444,8 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
         return compute_metrics(spec, logits.numpy(), labels.numpy())
 
     def snapshot() -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for n, p in _trainable_named(unwrapped)}
+        named = dict(unwrapped.named_parameters())
+        return {n: named[n].detach().cpu().clone() for n in tracked_names}
 
     def save_state() -> None:
         accelerator.save_state(str(out_dir / STATE_DIR))
@@ -425,7 +475,10 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
             accelerator.backward(loss)
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
+            if controller is not None:
+                controller.step()  # CaliSr: the (split) optimizer step, measurements and switches
+            else:
+                optimizer.step()
             scheduler.step()
             if info.needs_update_and_allocate:
                 unwrapped.base_model.update_and_allocate(progress.step)
@@ -472,7 +525,7 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
 
     # ---- best checkpoint -> test, save
     with torch.no_grad():
-        named = dict(_trainable_named(unwrapped))
+        named = dict(unwrapped.named_parameters())
         for n, value in progress.best_state.items():
             named[n].copy_(value.to(named[n].device))
     test_logits, test_labels = predict(test_dl)
@@ -505,6 +558,11 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
         time.perf_counter() - wall_start,
         test_predictions,
     )
+    if controller is not None:
+        from ..tuners.calisr import calisr_size_report
+
+        summary["calisr"] = {**controller.summary(), "sizes": calisr_size_report(unwrapped)}
+        summary["calisr"]["measure_share"] = controller.measure_seconds / max(progress.train_seconds, 1e-9)
     if world > 1:
         rank_info = {
             "rank": rank,
