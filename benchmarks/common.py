@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import os
@@ -29,10 +30,15 @@ def append_jsonl(path: str | os.PathLike[str], row: dict[str, Any]) -> None:
     """Append one row and flush it to disk at once (a killed run loses at most the row being written)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(row, sort_keys=True, default=str) + "\n"
     with path.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row, sort_keys=True, default=str) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+        fcntl.flock(fh, fcntl.LOCK_EX)  # several grid workers append to one file: whole lines only
+        try:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -14,6 +14,8 @@ many sittings. ``--perturb`` runs the data-perturbation study instead (10 traini
     python benchmarks/quality.py --tier full                  # every task and method, 5 seeds
     python benchmarks/quality.py --tier full --tasks cb,copa --methods sam,lora --seeds 0,1
     python benchmarks/quality.py --perturb
+    python benchmarks/quality.py --tier calisr                # RTE, MRPC, CoLA; LoRA/MPO/SAM with and without CaliSr
+    python benchmarks/quality.py --tier quick --workers 8     # 8 processes share the grid (e.g. on one GPU)
     python benchmarks/quality.py --tier quick --dry-run       # list the runs (done / to do)
     python benchmarks/report.py                               # tables and plots from the JSONL
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import tempfile
 import time
@@ -79,6 +82,17 @@ HPARAMS: dict[str, Any] = {
     },
 }
 
+# Grid labels of the CaliSr runs -> TrainConfig fields. The wrapped adapter trains at its own learning rate
+# (HPARAMS["lr"][adapter]), W_extra (the full fine-tuning part) at full fine-tuning's; SR is measured with the
+# exact float64 svd backend, sr_interval = one fifth of an epoch, one decision per epoch (CaliSrConfig defaults).
+CALISR_RUNS: dict[str, dict[str, Any]] = {
+    "calisr_lora_s": {"calisr_adapter": "lora", "calisr_variant": "S"},
+    "calisr_lora_d": {"calisr_adapter": "lora", "calisr_variant": "D"},
+    "calisr_lora_fixed40": {"calisr_adapter": "lora", "calisr_switch_at": 0.4},
+    "calisr_mpo_s": {"calisr_adapter": "mpo", "calisr_variant": "S"},
+    "calisr_sam_s": {"calisr_adapter": "sam", "calisr_variant": "S"},
+}
+
 # task order = cost order (cheap tasks fill first)
 ALL_TASKS = ["cb", "copa", "wsc", "rte", "mrpc", "stsb", "cola"]
 TIERS: dict[str, dict[str, Any]] = {
@@ -88,6 +102,11 @@ TIERS: dict[str, dict[str, Any]] = {
         "seeds": [0, 1, 2],
     },
     "full": {"tasks": ALL_TASKS, "methods": None, "seeds": [0, 1, 2, 3, 4]},  # None: every METHODS entry
+    "calisr": {
+        "tasks": ["rte", "mrpc", "cola"],
+        "methods": ["lora", *list(CALISR_RUNS)[:3], "mpo", "calisr_mpo_s", "sam", "calisr_sam_s", "full"],
+        "seeds": [0, 1, 2],
+    },
 }
 PERTURB: dict[str, Any] = {
     "tasks": ["rte", "cb"],
@@ -115,7 +134,16 @@ _NOT_IN_HASH = {
 def learning_rate(method: str) -> float:
     from peft_sam.tasks import METHODS
 
+    if method in CALISR_RUNS:
+        method = CALISR_RUNS[method]["calisr_adapter"]
     return float(HPARAMS["lr"].get(method, METHODS[method].default_lr))
+
+
+def grid_methods() -> list[str]:
+    """Every name a grid accepts: the METHODS table (except bare ``calisr``) and the CaliSr runs."""
+    from peft_sam.tasks import METHODS
+
+    return [m for m in METHODS if m != "calisr"] + list(CALISR_RUNS)
 
 
 def make_config(
@@ -134,10 +162,12 @@ def make_config(
 
     common = dict(HPARAMS["common"])
     per_task = HPARAMS["tasks"][task]
+    calisr = CALISR_RUNS.get(method, {})
     kwargs: dict[str, Any] = {
         **common,
+        **calisr,
         "task": task,
-        "method": method,
+        "method": "calisr" if calisr else method,
         "seed": seed,
         "lr": learning_rate(method),
         "epochs": per_task["epochs"],
@@ -150,6 +180,8 @@ def make_config(
         "save_model": True,  # for the adapter size; written to a temporary folder
         "progress": False,
     }
+    if calisr:
+        kwargs["calisr_extra_lr"] = learning_rate("full")
     kwargs.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return TrainConfig(**kwargs)
 
@@ -164,6 +196,9 @@ def plan(tasks: list[str], methods: list[str], seeds: list[int], *, perturb: boo
     """Grid cells in run order: task (cheap first), then seed, then method (drop seed innermost-but-one)."""
     from peft_sam.tasks import METHODS, get_spec
 
+    def supports_choice(method: str) -> bool:
+        return method in CALISR_RUNS or METHODS[method].supports_multiple_choice
+
     cells = []
     drop_seeds = PERTURB["drop_seeds"] if perturb else [None]
     for task in sorted(tasks, key=ALL_TASKS.index):
@@ -171,20 +206,20 @@ def plan(tasks: list[str], methods: list[str], seeds: list[int], *, perturb: boo
         for seed in seeds:
             for drop_seed in drop_seeds:
                 for method in methods:
-                    if choice and not METHODS[method].supports_multiple_choice:
+                    if choice and not supports_choice(method):
                         continue  # e.g. prefix tuning on COPA: PEFT has no multiple-choice prefix
                     cells.append({"task": task, "method": method, "seed": seed, "drop_seed": drop_seed})
     return cells
 
 
-def _row(cfg, key_config: dict[str, Any], summary: dict[str, Any], tier: str) -> dict[str, Any]:
+def _row(cfg, label: str, key_config: dict[str, Any], summary: dict[str, Any], tier: str) -> dict[str, Any]:
     history = [
         {"step": h["step"], "train_loss": round(h["train_loss"], 5), "val_score": round(h["val"]["score"], 3)}
         for h in summary.get("history", [])
     ]
     return {
         "task": summary["task"],
-        "method": summary["method"],
+        "method": label,
         "seed": summary["seed"],
         "config_hash": config_hash(key_config),
         "drop_fraction": cfg.drop_fraction,
@@ -206,8 +241,36 @@ def _row(cfg, key_config: dict[str, Any], summary: dict[str, Any], tier: str) ->
         "lr": summary["lr"],
         "history": history,
         "config": key_config,
+        "device": _device_name(),
+        "calisr": _calisr_info(summary.get("calisr")),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def _calisr_info(info: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a CaliSr row keeps: switch step and phase per group, measurement count and cost, sizes."""
+    if not info:
+        return None
+    keep = ("phase", "switched_at", "measurements", "measure_seconds", "measure_share", "sr_interval", "decide_every")
+    return {**{k: info[k] for k in keep if k in info}, "sizes": info.get("sizes")}
+
+
+def _claim(claim_dir: Path | None, key: tuple) -> bool:
+    """With several workers: the first to create the cell's claim folder runs it (``os.mkdir`` is atomic)."""
+    if claim_dir is None:
+        return True
+    name = "-".join(str(k) for k in key)
+    try:
+        (claim_dir / name).mkdir(parents=True)
+    except FileExistsError:
+        return False
+    return True
 
 
 def run_grid(
@@ -220,6 +283,7 @@ def run_grid(
     overrides: dict[str, Any],
     drop_fraction: float = 0.0,
     dry_run: bool = False,
+    claim_dir: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, int]:
     """Run every cell not yet in ``out``; returns counts (done before, ran, failed)."""
@@ -240,19 +304,21 @@ def run_grid(
             overrides=overrides,
         )
         key_config = hashed_config(cfg)
-        key = (cfg.task, cfg.method, cfg.seed, config_hash(key_config))
+        key = (cfg.task, cell["method"], cfg.seed, config_hash(key_config))
         if key in done:
             counts["skipped"] += 1
             continue
         todo.append((cell, cfg, key_config, key))
     log(f"{counts['total']} runs in the grid, {counts['skipped']} already in {out}, {len(todo)} to do")
     for i, (cell, cfg, key_config, key) in enumerate(todo, 1):
-        label = f"[{i}/{len(todo)}] {cfg.task} {cfg.method} seed={cfg.seed}" + (
+        label = f"[{i}/{len(todo)}] {cfg.task} {cell['method']} seed={cfg.seed}" + (
             f" drop_seed={cell['drop_seed']}" if cell["drop_seed"] is not None else ""
         )
         if dry_run:
             log(f"{label} (to do; config {key[3]})")
             continue
+        if not _claim(claim_dir, (*key, cell["drop_seed"])):
+            continue  # another worker has it
         log(f"{label} start")
         with tempfile.TemporaryDirectory(prefix="peft_sam_quality_") as tmp:
             run_cfg = dataclasses.replace(cfg, output_dir=tmp)
@@ -262,7 +328,7 @@ def run_grid(
                 counts["failed"] += 1
                 log(f"{label} FAILED:\n{traceback.format_exc()}")
                 continue
-        row = _row(cfg, key_config, summary, tier)
+        row = _row(cfg, cell["method"], key_config, summary, tier)
         append_jsonl(out, row)
         counts["ran"] += 1
         log(
@@ -313,20 +379,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--eval-batch-size", type=int)
     parser.add_argument("--dry-run", action="store_true", help="list the runs, do nothing")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="processes sharing the grid (each takes the next unclaimed cell)"
+    )
+    parser.add_argument("--claim-dir", help="with --workers: folder of the cells' claims (default: a fresh one)")
     parser.add_argument("--print-hparams", action="store_true", help="print the hyper-parameter table and exit")
     args = parser.parse_args(argv)
 
     if args.print_hparams:
         print(hparams_markdown())
         return 0
-    from peft_sam.tasks import METHODS
+    if args.workers > 1 and not args.dry_run:
+        return _run_workers(args.workers, argv if argv is not None else sys.argv[1:], args.claim_dir)
 
     if args.perturb:
         tasks, methods, seeds = PERTURB["tasks"], PERTURB["methods"], PERTURB["seeds"]
         default_out = RESULTS_DIR / "perturbation.jsonl"
     else:
         tier = TIERS[args.tier]
-        tasks, methods, seeds = tier["tasks"], tier["methods"] or list(METHODS), tier["seeds"]
+        tasks, methods, seeds = tier["tasks"], tier["methods"] or grid_methods(), tier["seeds"]
         default_out = RESULTS_DIR / "quality.jsonl"
     tasks = _csv(args.tasks) or tasks
     methods = _csv(args.methods) or methods
@@ -335,8 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         if t not in HPARAMS["tasks"]:
             parser.error(f"unknown task {t!r}; choose from {ALL_TASKS}")
     for m in methods:
-        if m not in METHODS:
-            parser.error(f"unknown method {m!r}; choose from {sorted(METHODS)}")
+        if m not in grid_methods():
+            parser.error(f"unknown method {m!r}; choose from {grid_methods()}")
     out = Path(args.out) if args.out else default_out
     overrides = {
         "num_calibration_batches": args.num_calibration_batches,
@@ -358,10 +429,42 @@ def main(argv: list[str] | None = None) -> int:
         overrides=overrides,
         drop_fraction=PERTURB["drop_fraction"] if args.perturb else 0.0,
         dry_run=args.dry_run,
+        claim_dir=Path(args.claim_dir) if args.claim_dir else None,
         log=lambda s: print(s, flush=True),
     )
     print(f"finished: {counts}", flush=True)
     return 1 if counts["failed"] else 0
+
+
+def _run_workers(workers: int, argv: list[str], claim_dir: str | None = None) -> int:
+    """Start ``workers`` copies of this script on the same grid; each claims cells one at a time (cheap first).
+
+    Each worker gets its own ``datasets`` cache and ``OMP_NUM_THREADS = cpus // workers``; rows go to the one
+    JSONL (appends of one line each, under a file lock). A killed worker loses only its cell in progress (its
+    claim is cleared by the next start: claims live in a fresh temporary folder unless ``--claim-dir`` names
+    one, e.g. to let two pools on overlapping grids share their cells).
+    """
+    import contextlib
+    import subprocess
+
+    argv = [a for i, a in enumerate(argv) if a != "--workers" and (i == 0 or argv[i - 1] != "--workers")]
+    argv = [a for a in argv if not a.startswith("--workers=")]
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    shared = contextlib.nullcontext(claim_dir) if claim_dir else None
+    with shared or tempfile.TemporaryDirectory(prefix="peft_sam_claims_") as claims:
+        procs = []
+        for w in range(workers):
+            env = {
+                **os.environ,
+                "OMP_NUM_THREADS": str(threads),
+                "HF_DATASETS_CACHE": str(Path(claims).parent / f"peft_sam_hf_datasets_{os.getpid()}_{w}"),
+                "PYTHONUNBUFFERED": "1",
+            }
+            cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--claim-dir", claims]
+            procs.append(subprocess.Popen(cmd, env=env))
+            time.sleep(2.0)  # staggered: the first cells go out in order
+        codes = [p.wait() for p in procs]
+    return max(codes)
 
 
 if __name__ == "__main__":
