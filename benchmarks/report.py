@@ -12,6 +12,7 @@ ready to paste into the README.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -56,11 +57,11 @@ def quality_table(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     methods = _order({r["method"] for r in rows}, METHOD_ORDER)
     scores: dict[tuple[str, str], list[float]] = defaultdict(list)
     trainable: dict[str, list[float]] = defaultdict(list)
-    wall: dict[tuple[str, str], list[float]] = defaultdict(list)
+    wall: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     for r in rows:
         scores[(r["task"], r["method"])].append(float(r["test_score"]))
         trainable[r["method"]].append(float(r["trainable_percent"]))
-        wall[(r["task"], r["method"])].append(float(r["wall_seconds"]))
+        wall[(r["task"], r["method"], _device(r))].append(float(r["wall_seconds"]))
     agg: dict[str, Any] = {"tasks": tasks, "methods": methods, "cells": {}, "average": {}}
     body = []
     for m in methods:
@@ -84,11 +85,14 @@ def quality_table(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     header = ["method", "trainable %", *[TASK_TITLES.get(t, t) for t in tasks], "average"]
     table = md_table(header, body)
 
-    # cost table: wall seconds per run (mean), per task
-    cost = md_table(
-        ["method", *tasks],
-        [[m, *[fmt(mean_std(wall.get((t, m), []))[0], 0) for t in tasks]] for m in methods],
-    )
+    # cost table: wall seconds per run (mean), per task and device (GPU runs shared one GPU with 13 others)
+    devices = sorted({_device(r) for r in rows})
+
+    def cost_cell(t: str, m: str) -> str:
+        parts = [f"{mean_std(wall[(t, m, d)])[0]:.0f} ({d})" for d in devices if wall.get((t, m, d))]
+        return " / ".join(parts) or "n/a"
+
+    cost = md_table(["method", *tasks], [[m, *[cost_cell(t, m) for t in tasks]] for m in methods])
     seeds = sorted({r["seed"] for r in rows})
     notes = [
         f"Test score (official dev set) of the best validation step, mean ± std over seeds (number of seeds); "
@@ -96,14 +100,55 @@ def quality_table(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     ]
     if superseded:
         notes.append(f"{superseded} older rows with the same (task, method, seed) were superseded by newer ones.")
-    hashes = defaultdict(set)
+    by_device = defaultdict(int)
     for r in rows:
-        hashes[(r["task"], r["method"])].add(r.get("config_hash"))
+        by_device[_device(r)] += 1
+    notes.append("Runs per device: " + ", ".join(f"{d} {n}" for d, n in sorted(by_device.items())) + ".")
+    hashes = defaultdict(set)
+    for r in rows:  # the seed is part of each row's config; a cell mixes configurations if anything else differs
+        config = {k: v for k, v in (r.get("config") or {}).items() if k != "seed"}
+        hashes[(r["task"], r["method"])].add(json.dumps(config, sort_keys=True, default=str))
     mixed = sorted(f"{t}/{m}" for (t, m), h in hashes.items() if len(h) > 1)
     if mixed:
         notes.append("Cells mixing several configurations: " + ", ".join(mixed) + ".")
-    md = "\n".join(["## Quality (test score)", "", *notes, "", table, "", "### Wall time per run (s)", "", cost, ""])
-    return md, agg
+    parts = ["## Quality (test score)", "", *notes, "", table, "", "### Wall time per run (s)", "", cost, ""]
+    calisr = calisr_table(rows)
+    if calisr:
+        parts += ["### CaliSr: switch step per group and cost of the stable-rank measurements", "", calisr, ""]
+    return "\n".join(parts), agg
+
+
+def _device(row: dict[str, Any]) -> str:
+    name = row.get("device") or "cpu"
+    return "cpu" if name == "cpu" else name.replace("NVIDIA ", "")
+
+
+def calisr_table(rows: list[dict[str, Any]]) -> str:
+    """One line per CaliSr run: switch step of each group (of the total), measurements, their share of the time."""
+    body = []
+    for r in sorted(rows, key=lambda r: (r["task"], r["method"], r["seed"])):
+        info = r.get("calisr")
+        if not info:
+            continue
+        switched = ", ".join(
+            f"{g} {'-' if s is None else s}" for g, s in sorted((info.get("switched_at") or {}).items())
+        )
+        share = info.get("measure_share")
+        body.append(
+            [
+                r["task"],
+                r["method"],
+                r["seed"],
+                f"{r['test_score']:.1f}",
+                f"{switched} (of {r['steps']})",
+                info.get("measurements", 0),
+                "n/a" if share is None else f"{100 * share:.1f} %",
+                _device(r),
+            ]
+        )
+    header = ["task", "method", "seed", "test", "switch step per group", "SR measurements", "measuring / train"]
+    header.append("device")
+    return md_table(header, body) if body else ""
 
 
 def perturbation_table(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:

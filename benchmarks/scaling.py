@@ -453,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
                         "step_seconds": res["step_seconds"],
                         "trainable": res["trainable"],
                         "rounds": res["n"],
+                        "warmup": args.warmup,
                         "peak_bytes": mem.get(f"{name}|{p}"),
                         "run": run,
                     },
@@ -468,6 +469,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in read_jsonl(jsonl):
         if r.get("mask") == args.mask and r.get("tokens") == args.tokens:
             latest[(r["width"], r["method"], r["p"])] = r
+    if args.render_only and latest:  # describe the rows as they were measured, not this call's flags
+        first = next(iter(latest.values()))
+        args.device, args.rounds = first["device"], first["rounds"]
+        args.warmup = first.get("warmup", "(not recorded)")
     rows = sorted(latest.values(), key=lambda r: (r["width"], r["method"], r["p"] or 0.0))
     if not rows:
         print(f"no rows in {jsonl}")
