@@ -19,7 +19,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ...ops.sparse_delta import sparse_delta_linear
+from ...ops.sparse_delta import SparsePattern, sparse_delta_linear
 
 # tensor name on the base module -> (indices buffer dict, values parameter dict) on the SAM layer
 TENSOR_SLOTS = {"weight": ("sam_indices", "sam_values"), "bias": ("sam_bias_indices", "sam_bias_values")}
@@ -58,9 +58,12 @@ class SAMLayer(BaseTunerLayer):
         self.sam_shapes = BufferDict({}, persistent=True)
         # adapter name -> base tensors ("weight", "bias") a selection may choose entries in
         self.sam_candidates: dict[str, list[str]] = {}
-        # (adapter, buffer name) -> ((data_ptr, version, numel), pending?): is_pending without a sync per forward
-        self._sam_pending_cache: dict[tuple[str, str], tuple[tuple[int, int, int], bool]] = {}
+        # (adapter, buffer name) -> ((buffer, version), pending?): is_pending without a sync per forward
+        self._sam_pending_cache: dict[tuple[str, str], tuple[tuple[torch.Tensor, int], bool]] = {}
         self._sam_shapes_checked: dict[str, tuple[int, int]] = {}
+        # tensor name -> (key of the active adapters' index buffers, int64 indices, derived index structures):
+        # rebuilt only when an index buffer changes (selection, loading, .to(device)), not every forward
+        self._sam_index_cache: dict[str, tuple[tuple, torch.Tensor, Any]] = {}
         # adapter name -> {tensor name: base values at the indices before merging}, to unmerge exactly
         self._sam_merge_backup: dict[str, dict[str, torch.Tensor]] = {}
         self._disable_adapters = False
@@ -189,9 +192,9 @@ class SAMLayer(BaseTunerLayer):
             if adapter_name not in buffers:
                 continue
             idx = buffers[adapter_name]
-            key = (idx.data_ptr(), idx._version, idx.numel())
+            key = (idx, idx._version)
             cached = self._sam_pending_cache.get((adapter_name, idx_name))
-            if cached is None or cached[0] != key:
+            if cached is None or cached[0][0] is not idx or cached[0][1] != idx._version:
                 cached = (key, bool(idx.numel()) and bool((idx < 0).any()))
                 self._sam_pending_cache[(adapter_name, idx_name)] = cached
             if cached[1]:
@@ -209,15 +212,38 @@ class SAMLayer(BaseTunerLayer):
         self._sam_merge_backup.pop(adapter_name, None)
 
     def _active_entries(self, tensor_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Indices and values of all active, selected adapters on one tensor, concatenated."""
-        ready = [a for a in self.active_adapters if not self.is_pending(a)]
-        parts = [e for a in ready if (e := self.entries(a, tensor_name)) is not None]
-        parts = [e for e in parts if e[0].numel()]
-        if not parts:
+        """Indices (int64) and values of all active, selected adapters on one tensor, concatenated.
+
+        The indices come from a cache keyed by the index buffers (so the same tensor object is returned while
+        they do not change, and :meth:`_derived_indices` can hang index structures on it).
+        """
+        idx_name, val_name = TENSOR_SLOTS[tensor_name]
+        buffers, values = getattr(self, idx_name), getattr(self, val_name)
+        ready = [
+            a
+            for a in self.active_adapters
+            if a in values and a in buffers and buffers[a].numel() and not self.is_pending(a)
+        ]
+        if not ready:
             return None
-        if len(parts) == 1:
-            return parts[0]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        # the key holds the buffers themselves (compared by identity and version): a freed buffer's address
+        # cannot be reused by a new one while the cache refers to it
+        key = tuple((a, buffers[a], buffers[a]._version) for a in ready)
+        cached = self._sam_index_cache.get(tensor_name)
+        if cached is None or not _same_buffers(cached[0], key):
+            idx = torch.cat([buffers[a].long() for a in ready]) if len(ready) > 1 else buffers[ready[0]].long()
+            cached = (key, idx, None)
+            self._sam_index_cache[tensor_name] = cached
+        vals = values[ready[0]] if len(ready) == 1 else torch.cat([values[a] for a in ready])
+        return cached[1], vals
+
+    def _derived_indices(self, tensor_name: str, build: Any) -> Any:
+        """``build(indices)`` for the current active indices of ``tensor_name``, computed once per index change."""
+        key, idx, derived = self._sam_index_cache[tensor_name]
+        if derived is None:
+            derived = build(idx)
+            self._sam_index_cache[tensor_name] = (key, idx, derived)
+        return derived
 
     def _check_calibrated(self) -> None:
         for adapter in self.active_adapters:
@@ -338,14 +364,18 @@ class Linear(nn.Module, SAMLayer):
         if weight_entries is None:
             w = weight.t() if self.is_conv1d else weight
             return F.linear(x, w, bias)
-        idx, vals = weight_entries
-        if self.is_conv1d:  # weight [in, out]
+        _, vals = weight_entries
+        pattern = self._derived_indices("weight", self._build_pattern)
+        w = weight.t() if self.is_conv1d else weight
+        return sparse_delta_linear(x, w, bias, None, None, vals, pattern=pattern)
+
+    def _build_pattern(self, idx: torch.Tensor) -> SparsePattern:
+        weight = self.get_base_layer().weight
+        if self.is_conv1d:  # weight [in, out]; the op works on its [out, in] view
             n_out = weight.shape[1]
-            in_idx, out_idx = torch.div(idx, n_out, rounding_mode="floor"), idx % n_out
-            return sparse_delta_linear(x, weight.t(), bias, out_idx, in_idx, vals)
+            return SparsePattern.build(idx % n_out, torch.div(idx, n_out, rounding_mode="floor"), weight.shape[0])
         n_in = weight.shape[1]
-        out_idx, in_idx = torch.div(idx, n_in, rounding_mode="floor"), idx % n_in
-        return sparse_delta_linear(x, weight, bias, out_idx, in_idx, vals)
+        return SparsePattern.build(torch.div(idx, n_in, rounding_mode="floor"), idx % n_in, n_in)
 
 
 class Embedding(nn.Module, SAMLayer):
@@ -363,17 +393,21 @@ class Embedding(nn.Module, SAMLayer):
         result = self.base_layer(x, *args, **kwargs)
         if weight_entries is None:
             return result
-        idx, vals = weight_entries
+        _, vals = weight_entries
+        row_of_id, flat_in_table, num_rows = self._derived_indices("weight", self._build_row_table)
+        # the offsets live in a small [rows holding entries + 1, dim] table (the last row stays zero, for ids
+        # without entries); looking ids up in it needs no vocabulary-sized tensor and no host sync
         dim = self.get_base_layer().weight.shape[1]
-        rows = torch.div(idx, dim, rounding_mode="floor")
-        # Only entries in rows that this batch looks up matter: build their offsets in a small
-        # [unique ids in batch, dim] table instead of a vocabulary-sized one.
-        batch_rows = torch.unique(x)
-        keep = torch.isin(rows, batch_rows)
-        table = vals.new_zeros(batch_rows.numel(), dim)
-        position = torch.searchsorted(batch_rows, rows[keep])
-        table = table.index_put((position, idx[keep] % dim), vals[keep], accumulate=True)
-        return result + table[torch.searchsorted(batch_rows, x.contiguous())].to(result.dtype)
+        table = vals.new_zeros((num_rows + 1) * dim).index_add(0, flat_in_table, vals).view(num_rows + 1, dim)
+        return result + F.embedding(row_of_id[x], table).to(result.dtype)
+
+    def _build_row_table(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(id -> row of the offset table, or the zero row; each entry's flat position in the table; rows)."""
+        num_ids, dim = self.get_base_layer().weight.shape
+        rows, row_pos = torch.unique(torch.div(idx, dim, rounding_mode="floor"), return_inverse=True)
+        row_of_id = torch.full((num_ids,), rows.numel(), dtype=torch.long, device=idx.device)
+        row_of_id[rows] = torch.arange(rows.numel(), device=idx.device)
+        return row_of_id, row_pos * dim + idx % dim, rows.numel()
 
 
 class Functional(nn.Module, SAMLayer):
@@ -401,7 +435,16 @@ class Functional(nn.Module, SAMLayer):
             )
         if bias_entries is not None:
             params["bias"] = self._effective_bias(bias_entries)
+        if type(base) is nn.LayerNorm and not args and not kwargs:  # the common case, without functional_call
+            return F.layer_norm(
+                x, base.normalized_shape, params.get("weight", base.weight), params.get("bias", base.bias), base.eps
+            )
         return torch.func.functional_call(base, params, (x, *args), kwargs, strict=False)
+
+
+def _same_buffers(a: tuple, b: tuple) -> bool:
+    """Whether two cache keys ((adapter, buffer, version), ...) name the same buffers at the same versions."""
+    return len(a) == len(b) and all(x[0] == y[0] and x[1] is y[1] and x[2] == y[2] for x, y in zip(a, b))
 
 
 def is_norm_like(module: nn.Module) -> bool:
