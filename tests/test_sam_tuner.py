@@ -1,5 +1,6 @@
 """SAM as a PEFT tuner: round trips, frozen entries, merge/unmerge, several adapters, model families."""
 
+import copy
 import os
 
 import pytest
@@ -215,3 +216,46 @@ def test_save_dtype_bf16_halves_value_bytes(tmp_path):
         torch.testing.assert_close(
             a.sam_values["default"].to(torch.bfloat16).float(), b.sam_values["default"]
         )
+
+
+@pytest.mark.parametrize("model_name", ["bert", "gpt2", "llama"])
+def test_gradients_of_every_layer_kind_equal_a_dense_reference(model_name):
+    # Linear/Conv1D, Embedding and norm layers: d loss / d sam_values == (d loss / d W at W0 + Delta)[indices]
+    model = _calibrated(model_name, init_weights=False).eval()  # eval: no dropout, identical forwards
+    batch = make_batches(seed=4)[0]
+    model(**batch).loss.backward()
+    reference = _calibrated(model_name, init_weights=False).merge_and_unload().eval()
+    for prm in reference.parameters():
+        prm.requires_grad_(True)
+    reference(**batch).loss.backward()
+    dense = dict(reference.named_parameters())
+    kinds = set()
+    for name, layer in _sam_layers(model):
+        for tensor_name in ("weight", "bias"):
+            entries = layer.entries("default", tensor_name)
+            if entries is None or not entries[0].numel():
+                continue
+            idx, values = entries
+            ref = dense[f"{name.removeprefix('base_model.model.')}.{tensor_name}"].grad.reshape(-1)[idx]
+            torch.testing.assert_close(values.grad, ref, atol=1e-6, rtol=1e-4, msg=f"{name}.{tensor_name}")
+            kinds.add(type(layer).__name__)
+    assert {"Linear", "Embedding", "Functional"} <= kinds
+
+
+def test_new_indices_take_effect_after_the_index_cache_was_built():
+    # the layers cache index structures per mask; set_entries (a new selection or a load) must invalidate them
+    model = _calibrated("bert", init_weights=False).eval()
+    batch = make_batches(seed=5)[0]
+    _logits(model, batch)  # builds the caches
+    gen = torch.Generator().manual_seed(0)
+    for _, layer in _sam_layers(model):
+        for tensor_name in ("weight", "bias"):
+            entries = layer.entries("default", tensor_name)
+            if entries is None or not entries[0].numel():
+                continue
+            numel = layer.base_tensor(tensor_name).numel()
+            new = torch.randperm(numel, generator=gen)[: entries[0].numel()].sort().values
+            layer.set_entries("default", tensor_name, new, values=torch.randn(new.numel(), generator=gen))
+    after = _logits(model, batch)
+    merged = copy.deepcopy(model).merge_and_unload()  # merging reads the buffers directly, not the caches
+    torch.testing.assert_close(after, _logits(merged, batch), atol=1e-5, rtol=0)
