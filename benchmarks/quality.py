@@ -182,7 +182,10 @@ def make_config(
     }
     if calisr:
         kwargs["calisr_extra_lr"] = learning_rate("full")
-    kwargs.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    # CaliSr-only flags leave the other rows' configurations (and hashes) alone
+    for key, value in (overrides or {}).items():
+        if value is not None and (calisr or not key.startswith("calisr")):
+            kwargs[key] = value
     return TrainConfig(**kwargs)
 
 
@@ -378,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--eval-batch-size", type=int)
+    parser.add_argument(
+        "--calisr-sr-backend", help="CaliSr runs: svd (default), gram, certified (use it on GPUs) or auto"
+    )
     parser.add_argument("--dry-run", action="store_true", help="list the runs, do nothing")
     parser.add_argument(
         "--workers", type=int, default=1, help="processes sharing the grid (each takes the next unclaimed cell)"
@@ -417,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_steps": args.max_steps,
         "batch_size": args.batch_size,
         "eval_batch_size": args.eval_batch_size,
+        "calisr_sr_backend": args.calisr_sr_backend,
     }
     print(f"machine: {machine_info()}", flush=True)
     cells = plan(tasks, methods, seeds, perturb=args.perturb)

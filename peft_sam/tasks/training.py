@@ -96,7 +96,10 @@ class TrainConfig:
         default=None,
         metadata={"help": "--method calisr: lr of W_extra (the full-FT part); default: full FT's default lr"},
     )
-    calisr_sr_backend: str = field(default="svd", metadata={"help": "--method calisr: svd or gram (both exact)"})
+    calisr_sr_backend: str = field(
+        default="svd",
+        metadata={"help": "--method calisr: svd, gram (exact), certified (1e-10; use it on GPUs) or auto (by device)"},
+    )
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     max_steps: int | None = field(default=None, metadata={"help": "overrides epochs"})
@@ -148,6 +151,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             kwargs["choices"] = sorted(CALISR_ADAPTERS)
         elif f.name == "calisr_variant":
             kwargs["choices"] = ["S", "D"]
+        elif f.name == "calisr_sr_backend":
+            kwargs["choices"] = ["auto", "svd", "gram", "certified"]
         parser.add_argument(flag, **kwargs)
     return parser
 
@@ -419,7 +424,9 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
             steps_per_epoch=steps_per_epoch,
             total_steps=total_steps,
             log_path=out_dir / "calisr.jsonl" if accelerator.is_main_process else None,
-            sr_backend=cfg.calisr_sr_backend,
+            sr_backend=cfg.calisr_sr_backend
+            if cfg.calisr_sr_backend != "auto"
+            else ("svd" if accelerator.device.type == "cpu" else "certified"),
         )
         accelerator.register_for_checkpointing(controller)
     if cfg.resume_from:
