@@ -630,21 +630,27 @@ def test_gram_backend_matches_svd_and_gives_the_same_decisions():
     ]
     for m in mats:
         torch.testing.assert_close(gram_stable_ranks([m]), stable_rank_batched([m]), rtol=1e-12, atol=0)
+    _same_decisions_as_svd("gram", rel=1e-12)
+    model = _calisr("lora")
+    with pytest.raises(ValueError, match="sr_backend"):
+        CaliSrController(model, _optimizer(model), steps_per_epoch=2, sr_backend="power")
+
+
+def _same_decisions_as_svd(backend: str, rel: float) -> CaliSrController:
+    """Train twice (svd, ``backend``); both runs must take the same decisions on SRs equal to ``rel``."""
     runs = []
-    for backend in ("svd", "gram"):
+    for name in ("svd", backend):
         model = _calisr("lora", sr_interval=1, decide_every=2, delta=0.0)
         optimizer = _optimizer(model, lr=3e-3)
-        controller = CaliSrController(model, optimizer, steps_per_epoch=2, sr_backend=backend)
+        controller = CaliSrController(model, optimizer, steps_per_epoch=2, sr_backend=name)
         _train(model, optimizer, controller, make_batches(num=4, seed=1))
-        runs.append(controller.history)
-    assert [(e["event"], e.get("lft_lower"), e.get("switch")) for e in runs[0]] == [
-        (e["event"], e.get("lft_lower"), e.get("switch")) for e in runs[1]
-    ]
-    for a, b in zip(runs[0], runs[1]):
+        runs.append(controller)
+    events = [[(e["event"], e.get("lft_lower"), e.get("switch")) for e in c.history] for c in runs]
+    assert events[0] == events[1]
+    for a, b in zip(runs[0].history, runs[1].history):
         if a["event"] == "measure":
-            assert a["sr_lft"] == pytest.approx(b["sr_lft"], rel=1e-12)
-    with pytest.raises(ValueError, match="sr_backend"):
-        CaliSrController(model, optimizer, steps_per_epoch=2, sr_backend="power")
+            assert a["sr_lft"] == pytest.approx(b["sr_lft"], rel=rel)
+    return runs[1]
 
 
 def test_target_modules_shortcut_and_one_group_on_unknown_architectures():
@@ -710,17 +716,5 @@ def test_certified_backend_is_within_1e_10_of_svd_and_gives_the_same_decisions()
         assert (values >= stable_rank_batched([m, 2 * m]) * (1 - 1e-15)).all()  # Ritz values bound sigma_1 below
         warm, _ = certified_stable_ranks([m + 1e-6, 2 * m], starts=basis)  # a warm start changes nothing but cost
         torch.testing.assert_close(warm, stable_rank_batched([m + 1e-6, 2 * m]), rtol=1e-10, atol=0)
-    runs = []
-    for backend in ("svd", "certified"):
-        model = _calisr("lora", sr_interval=1, decide_every=2, delta=0.0)
-        optimizer = _optimizer(model, lr=3e-3)
-        controller = CaliSrController(model, optimizer, steps_per_epoch=2, sr_backend=backend)
-        _train(model, optimizer, controller, make_batches(num=4, seed=1))
-        runs.append(controller)
-    assert [(e["event"], e.get("lft_lower"), e.get("switch")) for e in runs[0].history] == [
-        (e["event"], e.get("lft_lower"), e.get("switch")) for e in runs[1].history
-    ]
-    for a, b in zip(runs[0].history, runs[1].history):
-        if a["event"] == "measure":
-            assert a["sr_lft"] == pytest.approx(b["sr_lft"], rel=1e-10)
-    assert runs[1].state_dict()["sr_bases"], "the warm starts are part of the saved controller state"
+    certified = _same_decisions_as_svd("certified", rel=1e-10)
+    assert certified.state_dict()["sr_bases"], "the warm starts are part of the saved controller state"
