@@ -5,6 +5,11 @@ optimizer exists, so it simply happens before ``Trainer(...)``::
 
     python examples/train_glue_trainer.py --task rte --method sam --num-calibration-batches 100
 
+CaliSr does need one: ``--method calisr`` adds :class:`peft_sam.CaliSrCallback`, which takes over the Trainer's
+``optimizer.step()`` (split steps, stable-rank measurements, switches); W_extra gets its own learning rate::
+
+    python examples/train_glue_trainer.py --task rte --method calisr --calisr-adapter lora --calisr-variant S
+
 The best checkpoint (by validation score) is reloaded at the end, evaluated on the test split and saved to
 ``<output-dir>/adapter``. (AdaLoRA needs a per-step ``update_and_allocate`` hook: use ``train_glue.py``.)
 """
@@ -44,6 +49,10 @@ def main() -> None:
     parser.add_argument("--num-calibration-batches", type=int, default=600)
     parser.add_argument("--max-train-samples", type=int, default=None)
     parser.add_argument("--max-steps", type=int, default=-1)
+    parser.add_argument("--calisr-adapter", default="lora", choices=["lora", "mpo", "sam"])
+    parser.add_argument("--calisr-variant", default="S", choices=["S", "D"])
+    parser.add_argument("--calisr-switch-at", type=float, default=None, help="fixed switch (control)")
+    parser.add_argument("--calisr-extra-lr", type=float, default=2e-5, help="lr of W_extra (the full-FT part)")
     args = parser.parse_args()
 
     transformers.set_seed(args.seed)
@@ -67,6 +76,9 @@ def main() -> None:
         p=args.p,
         seed=args.seed,
         num_calibration_batches=args.num_calibration_batches,
+        calisr_adapter=args.calisr_adapter,
+        calisr_variant=args.calisr_variant,
+        calisr_switch_at=args.calisr_switch_at,
     )
     if info.needs_calibration:  # before Trainer(...): the optimizer must see the selected entries
         calib = DataLoader(
@@ -79,9 +91,19 @@ def main() -> None:
     # transformers 5 takes the warm-up ratio as a float warmup_steps; 4.x has warmup_ratio
     has_ratio = "warmup_ratio" in {f.name for f in dataclasses.fields(TrainingArguments)}
     warmup = {"warmup_ratio": 0.06} if has_ratio else {"warmup_steps": 0.06}
+    lr = args.lr if args.lr is not None else METHODS[args.method].default_lr
+    callbacks, optimizers = [], (None, None)
+    if args.method == "calisr":  # core at lr, W_extra at --calisr-extra-lr; the callback drives the switch
+        from peft_sam.tuners.calisr import calisr_param_groups
+
+        groups = calisr_param_groups(model)
+        for group in groups:
+            group["lr"] = args.calisr_extra_lr if group["calisr"] == "extra" else lr
+        optimizers = (torch.optim.AdamW(groups, lr=lr), None)
+        callbacks.append(peft_sam.CaliSrCallback(log_path=os.path.join(args.output_dir, "calisr.jsonl")))
     training_args = TrainingArguments(
         output_dir=args.output_dir,
-        learning_rate=args.lr if args.lr is not None else METHODS[args.method].default_lr,
+        learning_rate=lr,
         num_train_epochs=args.epochs,
         max_steps=args.max_steps,
         per_device_train_batch_size=args.batch_size,
@@ -106,13 +128,21 @@ def main() -> None:
         data_collator=collator,
         processing_class=tokenizer,
         compute_metrics=lambda pred: compute_metrics(spec, pred.predictions, pred.label_ids),
+        callbacks=callbacks,
+        optimizers=optimizers,
     )
     trainer.train()
     test = trainer.evaluate(data["test"], metric_key_prefix="test")
     model.save_pretrained(os.path.join(args.output_dir, "adapter"))
     print(
         json.dumps(
-            {"task": spec.name, "method": args.method, "trainable_params": info.trainable_params, **test}
+            {
+                "task": spec.name,
+                "method": args.method,
+                "trainable_params": info.trainable_params,
+                **test,
+                **({"calisr": callbacks[0].controller.summary()} if callbacks else {}),
+            }
         )
     )
 

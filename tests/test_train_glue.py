@@ -291,3 +291,20 @@ def test_calisr_sam_measures_and_reloads(tiny_bert: str, tmp_path: Path) -> None
     assert 0 < info["measure_share"] < 1
     logits = _test_logits(tiny_bert, summary["saved_to"], cfg)
     assert logits.argmax(-1).tolist() == summary["test_predictions"]
+
+
+def test_trainer_example_with_calisr_callback(tiny_bert: str, tmp_path: Path) -> None:
+    # examples/train_glue_trainer.py --method calisr: the callback drives the Trainer's optimizer step; the fixed
+    # switch at 50 % of 4 steps switches every group at step 2
+    cmd = [
+        sys.executable, str(REPO / "examples" / "train_glue_trainer.py"), "--task", "rte", "--method", "calisr",
+        "--model", tiny_bert, "--calisr-switch-at", "0.5", "--max-steps", "4", "--max-train-samples", "32",
+        "--batch-size", "8", "--max-length", "48", "--output-dir", str(tmp_path / "trainer"),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["method"] == "calisr" and math.isfinite(result["test_score"])
+    assert set(result["calisr"]["switched_at"].values()) == {2}
+    assert (tmp_path / "trainer" / "adapter" / "adapter_model.safetensors").exists()
