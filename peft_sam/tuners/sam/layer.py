@@ -60,7 +60,7 @@ class SAMLayer(BaseTunerLayer):
         self.sam_candidates: dict[str, list[str]] = {}
         # (adapter, buffer name) -> ((buffer, version), pending?): is_pending without a sync per forward
         self._sam_pending_cache: dict[tuple[str, str], tuple[tuple[torch.Tensor, int], bool]] = {}
-        self._sam_shapes_checked: dict[str, tuple[int, int]] = {}
+        self._sam_shapes_checked: dict[str, tuple[torch.Tensor, int]] = {}  # (buffer, version) checked last
         # tensor name -> (key of the active adapters' index buffers, int64 indices, derived index structures):
         # rebuilt only when an index buffer changes (selection, loading, .to(device)), not every forward
         self._sam_index_cache: dict[str, tuple[tuple, torch.Tensor, Any]] = {}
@@ -122,8 +122,8 @@ class SAMLayer(BaseTunerLayer):
         if adapter_name not in self.sam_shapes:
             return
         stored = self.sam_shapes[adapter_name]
-        key = (stored.data_ptr(), stored._version)
-        if self._sam_shapes_checked.get(adapter_name) == key:
+        checked = self._sam_shapes_checked.get(adapter_name)
+        if checked is not None and checked[0] is stored and checked[1] == stored._version:
             return
         expected = self.base_shapes(include_bias=stored.numel() > self.base_tensor("weight").dim())
         if not torch.equal(stored.cpu(), expected):
@@ -131,7 +131,7 @@ class SAMLayer(BaseTunerLayer):
                 f"SAM adapter {adapter_name!r} was made for tensors of shape {stored.tolist()} (weight dims, -1, "
                 f"bias dims) but this module has {expected.tolist()}: load it onto the base model it was trained on."
             )
-        self._sam_shapes_checked[adapter_name] = key
+        self._sam_shapes_checked[adapter_name] = (stored, stored._version)
 
     def set_entries(
         self,
@@ -210,6 +210,8 @@ class SAMLayer(BaseTunerLayer):
         self._sam_pending_cache = {k: v for k, v in self._sam_pending_cache.items() if k[0] != adapter_name}
         self.sam_candidates.pop(adapter_name, None)
         self._sam_merge_backup.pop(adapter_name, None)
+        self._sam_index_cache.clear()  # drop references to the deleted buffers
+        self._sam_shapes_checked.pop(adapter_name, None)
 
     def _active_entries(self, tensor_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Indices (int64) and values of all active, selected adapters on one tensor, concatenated.
