@@ -84,6 +84,22 @@ def test_quality_plan_and_hparams() -> None:
     assert "| rte | 3 |" in quality.hparams_markdown()
 
 
+def test_quality_calisr_labels_and_claims(tmp_path: Path) -> None:
+    quality = _load("quality")
+    cfg = quality.make_config("rte", "calisr_lora_fixed40", 0)
+    assert (cfg.method, cfg.calisr_adapter, cfg.calisr_switch_at) == ("calisr", "lora", 0.4)
+    assert cfg.lr == quality.learning_rate("lora") and cfg.calisr_extra_lr == quality.learning_rate("full")
+    # CaliSr-only flags leave the other rows' configurations (and so their hashes) alone
+    plain = quality.make_config("rte", "lora", 0, overrides={"calisr_sr_backend": "certified"})
+    assert quality.hashed_config(plain) == quality.hashed_config(quality.make_config("rte", "lora", 0))
+    tuned = quality.make_config("rte", "calisr_lora_s", 0, overrides={"calisr_sr_backend": "certified"})
+    assert tuned.calisr_sr_backend == "certified"
+    # --workers: the first worker to claim a cell runs it, every other one skips it
+    assert quality._claim(tmp_path / "claims", ("rte", "lora", 0, "abc", None))
+    assert not quality._claim(tmp_path / "claims", ("rte", "lora", 0, "abc", None))
+    assert quality._claim(tmp_path / "claims", ("rte", "lora", 1, "abc", None))
+
+
 def test_report_smoke(tmp_path: Path) -> None:
     report = _load("report")
     rows = []
