@@ -23,9 +23,11 @@ def _select(batches, method):
     from peft_sam.selection import find_candidates
 
     model = get_peft_model(tiny_bert(0), peft_sam.SAMConfig(p=0.05, selection=method, task_type="SEQ_CLS"))
-    for m in model.modules():
+    for m in model.modules():  # no dropout: the two runs draw different random numbers
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+        if isinstance(getattr(m, "dropout_prob", None), float):  # transformers 4.x SDPA attention reads this float
+            m.dropout_prob = 0.0
     peft_sam.select_parameters(model, batches, show_progress=False)
     return {
         f"{c.name}.{c.tensor_name}": c.layer.entries("default", c.tensor_name)[0]
