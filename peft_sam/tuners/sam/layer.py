@@ -415,8 +415,9 @@ class Embedding(nn.Module, SAMLayer):
 class Functional(nn.Module, SAMLayer):
     """SAM on any other leaf module whose only parameters are ``weight``/``bias`` (LayerNorm, RMSNorm, ...).
 
-    The module's own forward runs with ``weight + offset`` substituted via ``torch.func.functional_call``; these
-    tensors are small (hidden size), so the dense temporary is cheap.
+    The module's own forward runs with ``weight + offset`` substituted via ``torch.func.functional_call``
+    (``nn.LayerNorm``: ``F.layer_norm`` directly, without that call's overhead); these tensors are small (hidden
+    size), so the dense temporary is cheap.
     """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs: Any) -> None:
