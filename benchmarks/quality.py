@@ -79,6 +79,7 @@ HPARAMS: dict[str, Any] = {
         "adalora": 1e-3,
         "shira": 1e-3,
         "supertuning": 5e-4,
+        "adapter": 1e-3,  # AdapterHub bottleneck (runs where adapters==1.3.0 + transformers 4.57 are installed)
     },
 }
 
@@ -245,6 +246,7 @@ def _row(cfg, label: str, key_config: dict[str, Any], summary: dict[str, Any], t
         "history": history,
         "config": key_config,
         "device": _device_name(),
+        "transformers": _transformers_version(),
         "calisr": _calisr_info(summary.get("calisr")),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -254,6 +256,12 @@ def _device_name() -> str:
     import torch
 
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def _calisr_info(info: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -290,12 +298,19 @@ def run_grid(
     log: Callable[[str], None] = print,
 ) -> dict[str, int]:
     """Run every cell not yet in ``out``; returns counts (done before, ran, failed)."""
-    from peft_sam.tasks import train_and_evaluate
+    from peft_sam.tasks import method_unavailable, train_and_evaluate
 
     done = {(r["task"], r["method"], r["seed"], r["config_hash"]) for r in read_jsonl(out)}
-    counts = {"total": len(cells), "skipped": 0, "ran": 0, "failed": 0}
+    counts = {"total": len(cells), "skipped": 0, "ran": 0, "failed": 0, "unavailable": 0}
     todo = []
+    missing = {m: method_unavailable(m) for m in {c["method"] for c in cells}}
+    for method, why in sorted(missing.items()):
+        if why:
+            log(f"skipping every {method} cell in this environment: {why}")
     for cell in cells:
+        if missing[cell["method"]]:
+            counts["unavailable"] += 1
+            continue
         cfg = make_config(
             cell["task"],
             cell["method"],

@@ -12,7 +12,9 @@ launcher needs MPI for more); the torchrun-based launchers above start two, whic
 Prints the validation metrics at every evaluation and the final summary (also written to
 ``<output-dir>/summary.json``); the best adapter is saved to ``<output-dir>/adapter`` (``model`` for
 ``--method full``). Reload it with ``PeftModel.from_pretrained(base, "<output-dir>/adapter")`` after
-``import peft_sam``. The training loop itself is :func:`peft_sam.tasks.training.train_and_evaluate`.
+``import peft_sam`` (``--method adapter``, AdapterHub's bottleneck:
+``peft_sam.tasks.adapterhub.load_bottleneck_adapter``). The training loop itself is
+:func:`peft_sam.tasks.training.train_and_evaluate`.
 """
 
 from __future__ import annotations

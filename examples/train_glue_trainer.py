@@ -30,7 +30,7 @@ from transformers import AutoTokenizer, Trainer, TrainingArguments  # noqa: E402
 
 import peft_sam  # noqa: E402
 from peft_sam.tasks import compute_metrics, get_collator, get_spec, load_task, model_class_for, tokenize_task  # noqa: E402
-from peft_sam.tasks.methods import METHODS, build_peft_model  # noqa: E402
+from peft_sam.tasks.methods import METHODS, build_peft_model, save_trained  # noqa: E402
 from peft_sam.tasks.training import default_model_path  # noqa: E402
 
 
@@ -133,7 +133,7 @@ def main() -> None:
     )
     trainer.train()
     test = trainer.evaluate(data["test"], metric_key_prefix="test")
-    model.save_pretrained(os.path.join(args.output_dir, "adapter"))
+    save_trained(model, info, os.path.join(args.output_dir, "adapter"))
     print(
         json.dumps(
             {

@@ -36,7 +36,7 @@ from transformers import (  # noqa: E402
 
 import peft_sam  # noqa: E402,F401
 from peft_sam.tasks import compute_metrics, get_collator, load_task, tokenize_task  # noqa: E402
-from peft_sam.tasks.methods import METHODS, build_peft_model  # noqa: E402
+from peft_sam.tasks.methods import METHODS, build_peft_model, method_unavailable  # noqa: E402
 from peft_sam.tasks.training import TrainConfig, sam_indices_fingerprint, train_and_evaluate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,6 +99,8 @@ def test_method_table_builds_every_method(tiny_bert: str) -> None:
     )
     batch["labels"] = torch.tensor([0, 1])
     for method in METHODS:
+        if method_unavailable(method):  # AdapterHub's bottleneck needs adapters + transformers 4.57
+            continue
         base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
         model, info = build_peft_model(method, base, "rte", p=0.05, total_steps=20)
         assert 0 < info.trainable_params <= info.total_params, method

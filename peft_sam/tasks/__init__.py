@@ -25,7 +25,15 @@ __all__ = [
 ]
 
 # methods table and the shared training loop (examples/train_glue.py, benchmarks)
-from .methods import METHODS, MethodInfo, MethodSpec, build_peft_model, prepare_base_model  # noqa: E402
+from .methods import (  # noqa: E402
+    METHODS,
+    MethodInfo,
+    MethodSpec,
+    build_peft_model,
+    method_unavailable,
+    prepare_base_model,
+    save_trained,
+)
 from .training import TrainConfig, train_and_evaluate  # noqa: E402
 
 __all__ += [
@@ -34,6 +42,8 @@ __all__ += [
     "MethodSpec",
     "TrainConfig",
     "build_peft_model",
+    "method_unavailable",
     "prepare_base_model",
+    "save_trained",
     "train_and_evaluate",
 ]

@@ -25,6 +25,8 @@ __all__ = [
     "CALISR_ADAPTERS",
     "build_peft_model",
     "count_parameters",
+    "method_unavailable",
+    "save_trained",
     "head_module_names",
     "prepare_base_model",
 ]
@@ -35,7 +37,7 @@ class MethodSpec:
     """One row of the method table."""
 
     name: str
-    family: str  # "sam" (peft_sam.SAMConfig), "peft" (a PEFT built-in or MPO), "calisr", "full" (no adapter)
+    family: str  # "sam" (SAMConfig), "peft" (a PEFT built-in or MPO), "calisr", "full", "adapterhub"
     description: str
     default_lr: float  # a sane learning rate for MiniLM (BERT, 6 layers, hidden 384), batch 16
     needs_calibration: bool = False
@@ -74,6 +76,12 @@ METHODS: dict[str, MethodSpec] = {
             1e-3,
         ),
         MethodSpec(
+            "adapter",
+            "adapterhub",
+            "AdapterHub bottleneck adapter (SeqBnConfig, reduction 16) after every FFN; needs adapters==1.3.0",
+            1e-3,
+        ),
+        MethodSpec(
             "supertuning",
             "peft",
             "PEFT Super-Tuning: top-|theta_0| sparse support of 1-p, every Linear",
@@ -98,6 +106,26 @@ class MethodInfo:
     trainable_params: int
     total_params: int
     config: dict[str, Any] = field(default_factory=dict)
+    family: str = "peft"  # how the trained model is saved: see save_trained
+
+
+def method_unavailable(method: str) -> str | None:
+    """None when ``method`` can run in this environment; otherwise what is missing and how to get it."""
+    if method in METHODS and METHODS[method].family == "adapterhub":
+        from .adapterhub import adapterhub_missing
+
+        return adapterhub_missing()
+    return None
+
+
+def save_trained(model: nn.Module, info: MethodInfo, directory: str) -> None:
+    """Save what ``method`` trained: the PEFT adapter, the whole model (full) or the AdapterHub adapter + head."""
+    if info.family == "adapterhub":
+        from .adapterhub import save_bottleneck_adapter
+
+        save_bottleneck_adapter(model, directory)
+    else:
+        model.save_pretrained(directory)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -219,7 +247,16 @@ def build_peft_model(
         for prm in base_model.parameters():
             prm.requires_grad_(True)
         trainable, total = count_parameters(base_model)
-        return base_model, MethodInfo(method, False, False, False, trainable, total, {"method": "full"})
+        return base_model, MethodInfo(method, False, False, False, trainable, total, {"method": "full"}, "full")
+
+    if mspec.family == "adapterhub":
+        from .adapterhub import add_bottleneck_adapter
+
+        reduction = 16
+        add_bottleneck_adapter(base_model, heads, reduction_factor=reduction)
+        trainable, total = count_parameters(base_model)
+        config = {"method": method, "adapter": "SeqBnConfig", "reduction_factor": reduction}
+        return base_model, MethodInfo(method, False, False, False, trainable, total, config, "adapterhub")
 
     needs_calibration = mspec.needs_calibration
     if mspec.family == "calisr":
@@ -251,6 +288,7 @@ def build_peft_model(
         trainable,
         total,
         {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))},
+        mspec.family,
     )
 
 

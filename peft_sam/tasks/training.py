@@ -39,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
 from .data import get_spec, load_task
-from .methods import CALISR_ADAPTERS, METHODS, MethodInfo, build_peft_model
+from .methods import CALISR_ADAPTERS, METHODS, MethodInfo, build_peft_model, method_unavailable, save_trained
 from .metrics import compute_metrics
 from .preprocess import get_collator, model_class_for, tokenize_task
 
@@ -290,6 +290,9 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
     mspec = METHODS.get(cfg.method)
     if mspec is None:
         raise ValueError(f"Unknown method {cfg.method!r}; choose one of {sorted(METHODS)}.")
+    missing = method_unavailable(cfg.method)
+    if missing:
+        raise ImportError(missing)
     lr = cfg.lr if cfg.lr is not None else mspec.default_lr
     spec = get_spec(cfg.task)
     out_dir = Path(cfg.output_dir)
@@ -546,8 +549,8 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
     saved_to, saved_bytes = None, None
     accelerator.wait_for_everyone()
     if cfg.save_model and accelerator.is_main_process:
-        target = out_dir / ("model" if not info.is_peft else "adapter")
-        unwrapped.save_pretrained(str(target))
+        target = out_dir / ("model" if info.family == "full" else "adapter")
+        save_trained(unwrapped, info, str(target))
         saved_to, saved_bytes = str(target), _dir_bytes(target)
     summary = _summary(
         cfg,
