@@ -100,6 +100,21 @@ def test_quality_calisr_labels_and_claims(tmp_path: Path) -> None:
     assert quality._claim(tmp_path / "claims", ("rte", "lora", 1, "abc", None))
 
 
+def test_quality_skips_methods_this_environment_cannot_run(tmp_path: Path) -> None:
+    # the AdapterHub baseline needs adapters + transformers 4.57; elsewhere its cells are skipped with the reason
+    from peft_sam.tasks import method_unavailable
+
+    quality = _load("quality")
+    out, lines = tmp_path / "quality.jsonl", []
+    cells = quality.plan(["cb"], ["adapter"], [0], perturb=False)
+    counts = quality.run_grid(
+        cells, out, tier="full", model=None, data_dir=None, overrides={}, dry_run=True, log=lines.append
+    )
+    why = method_unavailable("adapter")
+    assert counts["unavailable"] == (1 if why else 0) and not out.exists()
+    assert any("skipping every adapter cell" in line for line in lines) == bool(why)
+
+
 def test_report_smoke(tmp_path: Path) -> None:
     report = _load("report")
     rows = []
