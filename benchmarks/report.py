@@ -226,7 +226,7 @@ def plot_perturbation(agg: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks, methods = agg["tasks"], agg["methods"]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.0 * len(tasks), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(5.5, 4.0 * len(tasks)), 3.4), squeeze=False)
     for ax, t in zip(axes.flat, tasks):
         data = [agg["scores"].get((t, m), []) for m in methods]
         keep = [i for i, d in enumerate(data) if d]
@@ -237,7 +237,7 @@ def plot_perturbation(agg: dict[str, Any], path: Path) -> None:
         ax.set_xticklabels(methods)
         ax.set_title(TASK_TITLES.get(t, t), fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("Test score over training sets with a random 10 % removed", fontsize=11)
+    fig.suptitle("Test score over training sets with a random 10 % removed", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
