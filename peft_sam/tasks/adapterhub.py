@@ -43,17 +43,23 @@ def adapterhub_missing() -> str | None:
     return None
 
 
+def _require_adapters():
+    """The ``adapters`` module, or an ImportError that says how to get it."""
+    missing = adapterhub_missing()
+    if missing:
+        raise ImportError(missing)
+    import adapters
+
+    return adapters
+
+
 def add_bottleneck_adapter(model: nn.Module, heads: list[str], reduction_factor: int = 16) -> nn.Module:
     """Add a trainable ``SeqBnConfig`` bottleneck adapter to ``model`` in place; the base stays frozen.
 
     ``heads`` (e.g. ``["classifier"]``) stay fully trainable. Raises ``ImportError`` with the fix when
     ``adapters`` is missing or cannot run on the installed transformers.
     """
-    missing = adapterhub_missing()
-    if missing:
-        raise ImportError(missing)
-    import adapters
-
+    adapters = _require_adapters()
     if reduction_factor <= 0:
         raise ValueError(f"reduction_factor must be a positive integer, got {reduction_factor}.")
     adapters.init(model)
@@ -73,11 +79,7 @@ def save_bottleneck_adapter(model: nn.Module, directory: str | Path) -> None:
 
 def load_bottleneck_adapter(base_model: nn.Module, directory: str | Path) -> nn.Module:
     """Put a saved bottleneck adapter and its task head on a freshly loaded ``base_model`` (in place, active)."""
-    missing = adapterhub_missing()
-    if missing:
-        raise ImportError(missing)
-    import adapters
-
+    adapters = _require_adapters()
     directory = Path(directory)
     if not (directory / "adapter_config.json").exists():
         raise FileNotFoundError(

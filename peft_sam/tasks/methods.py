@@ -106,7 +106,11 @@ class MethodInfo:
     trainable_params: int
     total_params: int
     config: dict[str, Any] = field(default_factory=dict)
-    family: str = "peft"  # how the trained model is saved: see save_trained
+
+    @property
+    def family(self) -> str:
+        """The method's family in :data:`METHODS` (how :func:`save_trained` saves it)."""
+        return METHODS[self.method].family
 
 
 def method_unavailable(method: str) -> str | None:
@@ -247,7 +251,7 @@ def build_peft_model(
         for prm in base_model.parameters():
             prm.requires_grad_(True)
         trainable, total = count_parameters(base_model)
-        return base_model, MethodInfo(method, False, False, False, trainable, total, {"method": "full"}, "full")
+        return base_model, MethodInfo(method, False, False, False, trainable, total, {"method": "full"})
 
     if mspec.family == "adapterhub":
         from .adapterhub import add_bottleneck_adapter
@@ -256,7 +260,7 @@ def build_peft_model(
         add_bottleneck_adapter(base_model, heads, reduction_factor=reduction)
         trainable, total = count_parameters(base_model)
         config = {"method": method, "adapter": "SeqBnConfig", "reduction_factor": reduction}
-        return base_model, MethodInfo(method, False, False, False, trainable, total, config, "adapterhub")
+        return base_model, MethodInfo(method, False, False, False, trainable, total, config)
 
     needs_calibration = mspec.needs_calibration
     if mspec.family == "calisr":
@@ -288,7 +292,6 @@ def build_peft_model(
         trainable,
         total,
         {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))},
-        mspec.family,
     )
 
 
