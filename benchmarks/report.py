@@ -168,6 +168,7 @@ def perturbation_table(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]
             line.append(f"{mu:.1f} ± {sd:.1f} [{min(vals):.1f}, {max(vals):.1f}] ({n})" if n else "–")
         body.append(line)
     table = md_table(["method", *[TASK_TITLES.get(t, t) for t in tasks]], body)
+    parts = component_table(rows, tasks, methods)
     md = "\n".join(
         [
             "## Data perturbation (test score)",
@@ -179,9 +180,39 @@ def perturbation_table(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]
             "",
             table,
             "",
+            *(
+                [
+                    "Mean of each part of the composite scores over the same runs (e.g. CB's accuracy and "
+                    "macro-F1): a small spread can come from never predicting a rare class (a low macro-F1).",
+                    "",
+                    parts,
+                    "",
+                ]
+                if parts
+                else []
+            ),
         ]
     )
     return md, agg
+
+
+def component_table(rows: list[dict[str, Any]], tasks: list[str], methods: list[str]) -> str:
+    """Mean of each test metric behind a composite score (tasks whose rows carry more than ``score``)."""
+    names = {
+        t: sorted({k for r in rows if r["task"] == t for k in (r.get("test") or {}) if k != "score"})
+        for t in tasks
+    }
+    columns = [(t, k) for t in tasks if len(names[t]) > 1 for k in names[t]]
+    if not columns:
+        return ""
+    body = []
+    for m in methods:
+        line = [f"**{m}**"]
+        for t, k in columns:
+            vals = [float(r["test"][k]) for r in rows if r["task"] == t and r["method"] == m and k in r.get("test", {})]
+            line.append(f"{sum(vals) / len(vals):.1f}" if vals else "–")
+        body.append(line)
+    return md_table(["method", *[f"{t.upper()} {k.replace('_', '-')}" for t, k in columns]], body)
 
 
 def plot_quality(agg: dict[str, Any], rows: list[dict[str, Any]], path: Path) -> None:

@@ -127,12 +127,19 @@ def test_report_smoke(tmp_path: Path) -> None:
                 )  # fmt: skip
     (tmp_path / "quality.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{torn")
     prow = [{"task": "rte", "method": "sam", "seed": 0, "drop_seed": d, "test_score": 60.0 + d} for d in range(4)]
+    prow += [
+        {"task": "cb", "method": "sam", "seed": 0, "drop_seed": d, "test_score": 50.0 + d,
+         "test": {"accuracy": 60.0 + 2 * d, "macro_f1": 40.0, "score": 50.0 + d}}
+        for d in range(2)
+    ]  # fmt: skip
     (tmp_path / "perturbation.jsonl").write_text("\n".join(json.dumps(r) for r in prow) + "\n")
     assert report.main(["--results-dir", str(tmp_path)]) == 0
     md = (tmp_path / "quality.md").read_text()
     assert "71.0 ± 1.0 (3)" in md  # sam: mean of 70, 71, 72
     assert "**71.0**" in md  # average over the two tasks
-    assert "61.5 ± 1.3" in (tmp_path / "perturbation.md").read_text()
+    pmd = (tmp_path / "perturbation.md").read_text()
+    assert "61.5 ± 1.3" in pmd
+    assert "| **sam** | 61.0 | 40.0 |" in pmd  # CB accuracy (60, 62) and macro-F1 means; RTE has no parts
     assert (tmp_path / "quality.png").stat().st_size > 0 and (tmp_path / "perturbation.png").stat().st_size > 0
 
 
