@@ -6,6 +6,7 @@ structurally: all tensors of a tuner layer except its ``base_layer``). The layer
 
 * LoRA / SAM: ``inner(x)`` with the base weight ``W0`` replaced by ``W0 + W_extra`` (one matmul, like full
   fine-tuning), where ``W_extra`` (``calisr_extra``, base-weight layout, zero at start) is a dense trainable delta;
+  under a wrapper that sets the weight as a plain attribute (FSDP, ``use_orig_params``) ``inner(x) + x W_extra^T``;
 * MPO: ``inner(x)``; ``W_extra`` is the inner layer's trainable central tensor offset (``mpo_central_delta``, MPOP
   "full"), so no dense copy exists.
 
@@ -20,6 +21,8 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
+from torch.nn import functional as F
+from transformers.pytorch_utils import Conv1D
 
 MPO_EXTRA_NAME = "mpo_central_delta"
 
@@ -87,6 +90,7 @@ class CaliSrLayer(BaseTunerLayer):
             path.append("base_layer")
             module = module.base_layer
         self._weight_path = ".".join([*path, "weight"])
+        self._is_conv1d = isinstance(module, Conv1D)  # weight [in, out] (GPT-2 style) instead of [out, in]
         self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
 
     @property
@@ -285,7 +289,16 @@ class CaliSrLayer(BaseTunerLayer):
         extras = [self.calisr_extra[a] for a in self.active_adapters if a in self.calisr_extra]
         if not extras:
             return self.base_layer(x, *args, **kwargs)
-        weight = self.get_base_layer().weight
+        leaf = self.get_base_layer()
+        weight = leaf.weight
+        if "weight" in vars(leaf):
+            # A wrapper (FSDP with use_orig_params) has set the weight as a plain attribute for this forward, which
+            # shadows the registered one functional_call swaps: add x W_extra^T to inner(x) instead.
+            delta = extras[0].to(weight.dtype)
+            for extra in extras[1:]:
+                delta = delta + extra.to(weight.dtype)
+            out = self.base_layer(x, *args, **kwargs)
+            return out + F.linear(x.to(delta.dtype), delta.t() if self._is_conv1d else delta).to(out.dtype)
         for extra in extras:
             weight = weight + extra.to(weight.dtype)
         return torch.func.functional_call(
