@@ -281,7 +281,7 @@ class SAMLayer(BaseTunerLayer):
                 adapter
             ):
                 continue
-            backup = {}
+            updates = []  # every tensor is checked before any is written: a failed safe merge changes nothing
             for tensor_name in TENSOR_SLOTS:
                 found = self.entries(adapter, tensor_name)
                 if found is None or found[0].numel() == 0:
@@ -289,16 +289,15 @@ class SAMLayer(BaseTunerLayer):
                 idx, vals = found
                 base = self.base_tensor(tensor_name)
                 with torch.no_grad():
-                    flat = base.data.view(-1)
-                    old = flat[idx].clone()
+                    old = base.data.view(-1)[idx].clone()
                     new = old + vals.detach().to(base.dtype)
-                    if safe_merge and not torch.isfinite(new).all():
-                        raise ValueError(
-                            f"NaNs detected in the merged weights. The adapter {adapter} seems broken."
-                        )
-                    flat[idx] = new
-                backup[tensor_name] = old
-            self._sam_merge_backup[adapter] = backup
+                if safe_merge and not torch.isfinite(new).all():
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems broken.")
+                updates.append((tensor_name, idx, old, new))
+            with torch.no_grad():
+                for tensor_name, idx, _, new in updates:
+                    self.base_tensor(tensor_name).data.view(-1)[idx] = new
+            self._sam_merge_backup[adapter] = {tensor_name: old for tensor_name, _, old, _ in updates}
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
