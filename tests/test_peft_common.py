@@ -87,3 +87,49 @@ def test_trainable_parameter_count(kind: str, capsys) -> None:
     assert total == sum(p.numel() for p in model.parameters())
     model.print_trainable_parameters()
     assert f"trainable params: {expected:,}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_forward(kind: str, dtype: torch.dtype) -> None:
+    batch = make_batches()[0]
+    model = _model(kind)
+    reference = _logits(model, batch)
+    half = _logits(model.to(dtype), batch)
+    assert half.dtype == dtype and torch.isfinite(half).all()
+    torch.testing.assert_close(half.float(), reference, atol=0.05, rtol=0.05)
+
+
+def _second_config(kind: str):
+    if kind == "sam":
+        return SAMConfig(p=0.05, selection="random", init_weights=False, seed=1)
+    if kind == "mpo":
+        return MPOConfig(num_factors=3, init_weights=False, seed=1)
+    if kind == "calisr_lora":
+        inner = LoraConfig(r=2, target_modules=["query", "value"])
+    else:
+        inner = SAMConfig(p=0.05, selection="random", seed=1)
+    return CaliSrConfig(adapter=inner, init_weights=False, seed=1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_active_adapters_add_up(kind: str) -> None:
+    """With two adapters active a layer computes x (W0 + delta_1 + delta_2)^T + b: each delta counts once."""
+    model = _model(kind)
+    model.add_adapter("other", _second_config(kind))
+    layer = _layers(model, kind)[0]
+    torch.manual_seed(1)
+    x = torch.randn(3, layer.get_base_layer().weight.shape[1])
+    if isinstance(layer.get_base_layer(), torch.nn.Embedding):
+        x = torch.randint(0, layer.get_base_layer().num_embeddings, (3, 5))
+
+    def out(adapters):
+        layer.set_adapter(adapters)
+        with torch.no_grad():
+            return layer(x)
+
+    with torch.no_grad():
+        base = layer.get_base_layer()(x)
+    one, two, both = out(["default"]), out(["other"]), out(["default", "other"])
+    assert not torch.allclose(one, base) and not torch.allclose(two, base)
+    torch.testing.assert_close(both - base, (one - base) + (two - base), atol=1e-5, rtol=1e-4)
