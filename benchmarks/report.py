@@ -209,8 +209,9 @@ def component_table(rows: list[dict[str, Any]], tasks: list[str], methods: list[
     for m in methods:
         line = [f"**{m}**"]
         for t, k in columns:
-            vals = [float(r["test"][k]) for r in rows if r["task"] == t and r["method"] == m and k in r.get("test", {})]
-            line.append(f"{sum(vals) / len(vals):.1f}" if vals else "–")
+            cell = [r for r in rows if r["task"] == t and r["method"] == m and k in r.get("test", {})]
+            mu, _, n = mean_std(r["test"][k] for r in cell)
+            line.append(f"{mu:.1f}" if n else "–")
         body.append(line)
     return md_table(["method", *[f"{t.upper()} {k.replace('_', '-')}" for t, k in columns]], body)
 
