@@ -79,6 +79,7 @@ HPARAMS: dict[str, Any] = {
         "adalora": 1e-3,
         "shira": 1e-3,
         "supertuning": 5e-4,
+        "mpo": 5e-4,
         "adapter": 1e-3,  # AdapterHub bottleneck (runs where adapters==1.3.0 + transformers 4.57 are installed)
     },
 }
