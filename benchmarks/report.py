@@ -34,7 +34,7 @@ TASK_TITLES = {
 }
 METHOD_ORDER = [
     "full", "sam", "fisher", "magnitude", "random", "bitfit", "lora", "lora_qv", "ia3", "prefix", "adalora",
-    "shira", "supertuning", "adapter",
+    "shira", "supertuning", "mpo", "adapter",
 ]  # fmt: skip
 
 
