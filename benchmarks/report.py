@@ -169,6 +169,7 @@ def perturbation_table(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]
         body.append(line)
     table = md_table(["method", *[TASK_TITLES.get(t, t) for t in tasks]], body)
     parts = component_table(rows, tasks, methods)
+    paired = paired_table(rows, tasks, methods)
     md = "\n".join(
         [
             "## Data perturbation (test score)",
@@ -191,16 +192,53 @@ def perturbation_table(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]
                 if parts
                 else []
             ),
+            *(
+                [
+                    "SAM against each method on the same training set (paired by drop seed): mean ± std of the "
+                    "difference in test score, and on how many sets SAM scores higher / the same / lower.",
+                    "",
+                    paired,
+                    "",
+                ]
+                if paired
+                else []
+            ),
         ]
     )
     return md, agg
 
 
+def paired_table(rows: list[dict[str, Any]], tasks: list[str], methods: list[str], reference: str = "sam") -> str:
+    """``reference`` minus each other method, per task, over the drop seeds both ran (the sets are identical)."""
+    score = {(r["task"], r["method"], r["seed"], r["drop_seed"]): float(r["test_score"]) for r in rows}
+    body = []
+    for t in tasks:
+        for m in methods:
+            if m == reference:
+                continue
+            diffs = [
+                v - score[(t, m, seed, drop)]
+                for (task, method, seed, drop), v in sorted(score.items())
+                if task == t and method == reference and (t, m, seed, drop) in score
+            ]
+            mu, sd, n = mean_std(diffs)
+            if n:
+                wins, ties = sum(d > 0 for d in diffs), sum(d == 0 for d in diffs)
+                body.append(
+                    [
+                        t.upper(),
+                        f"{reference} - {m}",
+                        f"{mu:+.1f} ± {sd:.1f} ({n})",
+                        f"{wins} / {ties} / {n - wins - ties}",
+                    ]
+                )
+    return md_table(["task", "difference", "mean ± std (sets)", "higher / same / lower"], body) if body else ""
+
+
 def component_table(rows: list[dict[str, Any]], tasks: list[str], methods: list[str]) -> str:
     """Mean of each test metric behind a composite score (tasks whose rows carry more than ``score``)."""
     names = {
-        t: sorted({k for r in rows if r["task"] == t for k in (r.get("test") or {}) if k != "score"})
-        for t in tasks
+        t: sorted({k for r in rows if r["task"] == t for k in (r.get("test") or {}) if k != "score"}) for t in tasks
     }
     columns = [(t, k) for t in tasks if len(names[t]) > 1 for k in names[t]]
     if not columns:

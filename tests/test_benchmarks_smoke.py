@@ -127,6 +127,7 @@ def test_report_smoke(tmp_path: Path) -> None:
                 )  # fmt: skip
     (tmp_path / "quality.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{torn")
     prow = [{"task": "rte", "method": "sam", "seed": 0, "drop_seed": d, "test_score": 60.0 + d} for d in range(4)]
+    prow += [{"task": "rte", "method": "full", "seed": 0, "drop_seed": d, "test_score": 61.0 - d} for d in range(3)]
     prow += [
         {"task": "cb", "method": "sam", "seed": 0, "drop_seed": d, "test_score": 50.0 + d,
          "test": {"accuracy": 60.0 + 2 * d, "macro_f1": 40.0, "score": 50.0 + d}}
@@ -140,6 +141,8 @@ def test_report_smoke(tmp_path: Path) -> None:
     pmd = (tmp_path / "perturbation.md").read_text()
     assert "61.5 ± 1.3" in pmd
     assert "| **sam** | 61.0 | 40.0 |" in pmd  # CB accuracy (60, 62) and macro-F1 means; RTE has no parts
+    # paired by drop seed 0-2 only (full has no seed 3): sam - full = -1, +1, +3
+    assert "| RTE | sam - full | +1.0 ± 2.0 (3) | 2 / 0 / 1 |" in pmd
     assert (tmp_path / "quality.png").stat().st_size > 0 and (tmp_path / "perturbation.png").stat().st_size > 0
 
 
