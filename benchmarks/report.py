@@ -181,31 +181,24 @@ def perturbation_table(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]
             "",
             table,
             "",
-            *(
-                [
-                    "Mean of each part of the composite scores over the same runs (e.g. CB's accuracy and "
-                    "macro-F1): a small spread can come from never predicting a rare class (a low macro-F1).",
-                    "",
-                    parts,
-                    "",
-                ]
-                if parts
-                else []
+            *_section(
+                "Mean of each part of the composite scores over the same runs (e.g. CB's accuracy and "
+                "macro-F1): a small spread can come from never predicting a rare class (a low macro-F1).",
+                parts,
             ),
-            *(
-                [
-                    "SAM against each method on the same training set (paired by drop seed): mean ± std of the "
-                    "difference in test score, and on how many sets SAM scores higher / the same / lower.",
-                    "",
-                    paired,
-                    "",
-                ]
-                if paired
-                else []
+            *_section(
+                "SAM against each method on the same training set (paired by drop seed): mean ± std of the "
+                "difference in test score, and on how many sets SAM scores higher / the same / lower.",
+                paired,
             ),
         ]
     )
     return md, agg
+
+
+def _section(text: str, table: str) -> list[str]:
+    """A paragraph and its table as markdown lines, or nothing when the table is empty."""
+    return [text, "", table, ""] if table else []
 
 
 def paired_table(rows: list[dict[str, Any]], tasks: list[str], methods: list[str], reference: str = "sam") -> str:
@@ -213,14 +206,11 @@ def paired_table(rows: list[dict[str, Any]], tasks: list[str], methods: list[str
     score = {(r["task"], r["method"], r["seed"], r["drop_seed"]): float(r["test_score"]) for r in rows}
     body = []
     for t in tasks:
+        ref = sorted((k[2:], v) for k, v in score.items() if k[:2] == (t, reference))
         for m in methods:
             if m == reference:
                 continue
-            diffs = [
-                v - score[(t, m, seed, drop)]
-                for (task, method, seed, drop), v in sorted(score.items())
-                if task == t and method == reference and (t, m, seed, drop) in score
-            ]
+            diffs = [v - score[(t, m, *run)] for run, v in ref if (t, m, *run) in score]
             mu, sd, n = mean_std(diffs)
             if n:
                 wins, ties = sum(d > 0 for d in diffs), sum(d == 0 for d in diffs)
