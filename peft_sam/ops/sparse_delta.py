@@ -1,170 +1,211 @@
-"""A linear map with a sparse trainable offset: y = x (W0 + Delta)^T + b, Delta non-zero on K chosen entries.
+"""Gradients of a sparse offset whose values already live in the base tensor (the merged-weight SAM op).
 
-``SparseDeltaLinear`` is a custom autograd function that never materialises a dense gradient of W and keeps no
-dense copy of W for backward. Two strategies, picked per call:
+A SAM layer keeps ``W = W0 + Delta`` in the base tensor itself (refreshed once per optimizer step), so the forward
+and the input gradient are exactly full fine-tuning's dense ops. What remains is the gradient of the K trained
+entries, ``grad_v[k] = (dL/dW)[r_k, c_k]``, which this module computes without the dense weight-gradient GEMM:
 
-* ``gather`` (small K): forward adds ``x[:, in_k] * v_k`` into ``y[:, out_k]``; backward computes
-  ``grad_v[k] = sum_n gy[n, out_k] * x[n, in_k]`` and adds ``gy[:, out_k] * v_k`` into ``grad_x[:, in_k]``.
-  Cost O(N K) on top of the dense matmul, memory O(N * chunk) transient.
-* ``dense`` (larger K): forward builds W0 + Delta in a temporary (not saved), backward rebuilds it for grad_x and
-  gathers ``grad_v = (gy^T x)[idx]`` from a GEMM restricted to the rows (or columns) holding trained entries.
-  Cost: a fraction of one extra GEMM, memory one transient W.
-
-Only ``x`` (already kept alive by most graphs), W0 (a frozen base tensor) and the index/value vectors are saved.
+* :class:`EntryPattern`: the entries of one 2-D tensor in row-major order as a CSR template, built once per mask;
+* :func:`sampled_matmul`: ``(a @ b)`` at those entries only, a sampled dense-dense product (SDDMM,
+  ``torch.sparse.sampled_addmm``), O(K * inner) FLOPs instead of O(rows * cols * inner);
+* :class:`SampledLinear` / :class:`SampledEmbedding`: ``F.linear`` / ``F.embedding`` whose backward returns the
+  entries' gradients (and ``grad_x``), saving only what full fine-tuning saves (x and W);
+* :class:`EntryTap`: an identity on a small tensor (norm weights, biases) whose backward gathers the entries'
+  gradients from the dense gradient the module's own backward computes anyway.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import warnings
 
 import torch
 import torch.nn.functional as F
 
-# Above this fraction of trained entries, the dense strategy is used. On this project's CPU the column gathers
-# of the sparse strategy cost more than one extra GEMM already at density ~0.0015 (benchmarks/scaling.py).
-DENSE_DENSITY_THRESHOLD = 0.001
-# Transient gather buffers hold at most this many elements (16 MiB in float32).
-_CHUNK_ELEMENTS = 1 << 22
+# dtypes torch.sparse.sampled_addmm accepts; others (float16, bfloat16) run the product in float32
+_SDDMM_DTYPES = (torch.float32, torch.float64)
 
 
-def _chunks(num_entries: int, num_rows: int):
-    step = max(1, _CHUNK_ELEMENTS // max(1, num_rows))
-    for start in range(0, num_entries, step):
-        yield slice(start, min(start + step, num_entries))
+class EntryPattern:
+    """The trained entries of one tensor viewed as [rows, cols], with a CSR template for the sampled product.
 
-
-class SparsePattern(NamedTuple):
-    """Where the trained entries of one [out, in] weight sit, with everything derived from that computed once.
-
-    A SAM layer builds it when its indices change and reuses it every step: no ``unique`` (a host sync on a
-    GPU), division or modulo on the indices in the training loop.
+    ``flat`` must be sorted and unique (row-major order); the layer guarantees it when it sets entries.
     """
 
-    out_idx: torch.Tensor  # row of each entry (int64)
-    in_idx: torch.Tensor  # column of each entry (int64)
-    flat: torch.Tensor  # out_idx * in_features + in_idx: position in a contiguous [out, in] tensor
-    rows: torch.Tensor  # sorted distinct rows holding entries, and each entry's position among them
-    row_pos: torch.Tensor
-    cols: torch.Tensor  # the same for columns
-    col_pos: torch.Tensor
+    def __init__(self, flat: torch.Tensor, rows: int, cols: int) -> None:
+        self.flat = flat.long()
+        self.rows, self.cols = int(rows), int(cols)
+        row = torch.div(self.flat, self.cols, rounding_mode="floor")
+        self.col = self.flat - row * self.cols
+        self.crow = torch.zeros(self.rows + 1, dtype=torch.long, device=flat.device)
+        self.crow[1:] = torch.bincount(row, minlength=self.rows).cumsum(0)
+        self._templates: dict[torch.dtype, torch.Tensor] = {}
 
-    @classmethod
-    def build(cls, out_idx: torch.Tensor, in_idx: torch.Tensor, in_features: int) -> SparsePattern:
-        """The pattern of entries at (``out_idx``, ``in_idx``) of a weight with ``in_features`` columns."""
-        out_idx, in_idx = out_idx.long(), in_idx.long()
-        rows, row_pos = torch.unique(out_idx, return_inverse=True)
-        cols, col_pos = torch.unique(in_idx, return_inverse=True)
-        return cls(out_idx, in_idx, out_idx * in_features + in_idx, rows, row_pos, cols, col_pos)
+    def template(self, dtype: torch.dtype) -> torch.Tensor:
+        """A sparse CSR tensor with the entries' positions (values unused: the product runs with beta=0)."""
+        found = self._templates.get(dtype)
+        if found is None:
+            zeros = torch.zeros(self.flat.numel(), dtype=dtype, device=self.flat.device)
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": we use one stable op of it
+                warnings.simplefilter("ignore", UserWarning)
+                found = torch.sparse_csr_tensor(
+                    self.crow, self.col, zeros, (self.rows, self.cols), check_invariants=False
+                )
+            self._templates[dtype] = found
+        return found
 
 
-class SparseDeltaLinear(torch.autograd.Function):
-    """``y = F.linear(x, W0 + Delta, bias)`` with Delta given by a :class:`SparsePattern` and its values."""
+def sampled_matmul(pattern: EntryPattern, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(a @ b).view(-1)[pattern.flat]`` for a [rows, n] and b [n, cols], without forming ``a @ b``."""
+    out_dtype = a.dtype
+    if a.dtype not in _SDDMM_DTYPES:
+        a, b = a.float(), b.float()
+    if torch.compiler.is_compiling():  # inductor has no sparse CSR kernels: the dense product, then a gather
+        return (a @ b).reshape(-1)[pattern.flat].to(out_dtype)
+    result = torch.sparse.sampled_addmm(pattern.template(a.dtype), a, b, beta=0.0).values()
+    return result if result.dtype == out_dtype else result.to(out_dtype)
+
+
+_ONES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _ones_row(n: int, like: torch.Tensor) -> torch.Tensor:
+    """A [1, n] row of ones (a cached buffer's view, so the bias gradient needs no fill kernel per step)."""
+    dtype = like.dtype if like.dtype in _SDDMM_DTYPES else torch.float32
+    if torch.compiler.is_compiling():
+        return like.new_ones((1, n), dtype=dtype)
+    key = (like.device, dtype)
+    buf = _ONES.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.ones(max(n, 4096), dtype=dtype, device=like.device)
+        _ONES[key] = buf
+    return buf[:n].view(1, n)
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+class SampledLinear(torch.autograd.Function):
+    """``F.linear(x, W, b)`` (W as stored; transposed for ``Conv1D``) whose backward gives the entries' gradients.
+
+    ``plan`` is ``(weight_patterns, bias_patterns, conv1d)``: one :class:`EntryPattern` per adapter for the
+    weight (over the stored [rows, cols] layout) and for the bias (over [1, out]); ``values`` are the matching
+    value tensors, weight adapters first. Their forward contribution is already inside ``weight``/``bias``.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, dense, *pattern):  # noqa: D102
-        pattern = SparsePattern(*pattern)
-        out_features, in_features = weight.shape
-        if dense:
-            full = _densify(weight, pattern.flat, values)
-            y = F.linear(x, full, bias)
-            del full
-        else:
-            y = F.linear(x, weight, bias)
-            x2 = x.reshape(-1, in_features)
-            y2 = y.view(-1, out_features)
-            for s in _chunks(values.numel(), x2.shape[0]):
-                y2.index_add_(1, pattern.out_idx[s], x2[:, pattern.in_idx[s]] * values[s])
-        ctx.dense = dense
+    def forward(ctx, x, weight, bias, plan, *values):  # noqa: D102
+        weight_patterns, bias_patterns, conv1d = plan
+        cast = _autocast_dtype(x)
+        if cast is not None:  # run as autocast would, and save the cast tensors for backward (as full FT does)
+            x, weight = x.to(cast), weight.to(cast)
+            bias = None if bias is None else bias.to(cast)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.linear(x, weight.t() if conv1d else weight, bias)
+        ctx.plan = plan
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight, values, *pattern)
+        ctx.save_for_backward(x, weight)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        x, weight, values, *saved = ctx.saved_tensors
-        pattern = SparsePattern(*saved)
-        out_idx, in_idx = pattern.out_idx, pattern.in_idx
-        out_features, in_features = weight.shape
-        need_x, need_w, need_b, need_v = ctx.needs_input_grad[:4]
+        x, weight = ctx.saved_tensors
+        weight_patterns, bias_patterns, conv1d = ctx.plan
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_v = ctx.needs_input_grad[4:]
+        out_features = weight.shape[1] if conv1d else weight.shape[0]
         gy2 = grad_out.reshape(-1, out_features)
-        x2 = x.reshape(-1, in_features)
-        grad_x = grad_w = grad_b = grad_v = None
-        if ctx.dense:
-            if need_x:
-                full = _densify(weight, pattern.flat, values)
-                grad_x = (gy2 @ full).view_as(x)
-                del full
-            if need_w:
-                grad_w = gy2.t() @ x2
-                if need_v:
-                    grad_v = grad_w[out_idx, in_idx]
-            elif need_v:
-                grad_v = _sampled_weight_grad(gy2, x2, pattern)
-        else:
-            if need_x:
-                gx2 = gy2 @ weight
-                for s in _chunks(values.numel(), gy2.shape[0]):
-                    gx2.index_add_(1, in_idx[s], gy2[:, out_idx[s]] * values[s])
-                grad_x = gx2.view_as(x)
-            if need_v:
-                grad_v = torch.empty_like(values)
-                for s in _chunks(values.numel(), gy2.shape[0]):
-                    grad_v[s] = (gy2[:, out_idx[s]] * x2[:, in_idx[s]]).sum(0)
-            if need_w:
-                grad_w = gy2.t() @ x2
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            grad_x = (gy2 @ (weight.t() if conv1d else weight)).view(grad_out.shape[:-1] + (x.shape[-1],))
+        if need_w:  # the base weight itself trains (e.g. CaliSr's W_extra before its switch): full FT's GEMM
+            grad_w = x2.t() @ gy2 if conv1d else gy2.t() @ x2
         if need_b and ctx.has_bias:
             grad_b = gy2.sum(0)
-        return grad_x, grad_w, grad_b, grad_v, None, *([None] * len(saved))
+        grads = []
+        for pattern, needed in zip(weight_patterns, need_v[: len(weight_patterns)]):
+            if not needed:
+                grads.append(None)
+            elif grad_w is not None:
+                grads.append(grad_w.reshape(-1)[pattern.flat])
+            elif conv1d:  # stored [in, out]: (x^T gy) at the entries
+                grads.append(sampled_matmul(pattern, x2.t(), gy2))
+            else:  # stored [out, in]: (gy^T x) at the entries
+                grads.append(sampled_matmul(pattern, gy2.t(), x2))
+        for pattern, needed in zip(bias_patterns, need_v[len(weight_patterns) :]):
+            if not needed:
+                grads.append(None)
+            elif grad_b is not None:
+                grads.append(grad_b[pattern.flat])
+            else:  # (1^T gy) at the entries
+                grads.append(sampled_matmul(pattern, _ones_row(gy2.shape[0], gy2), gy2))
+        return grad_x, grad_w, grad_b, None, *grads
 
 
-def _sampled_weight_grad(gy2: torch.Tensor, x2: torch.Tensor, pattern: SparsePattern) -> torch.Tensor:
-    """``(gy^T x)[out_idx, in_idx]`` via a GEMM restricted to the rows (or columns) that hold trained entries.
+class EmbeddingRows:
+    """Entries of an embedding table grouped by row: a compact table holds only the rows that have entries."""
 
-    Gradient-chosen masks concentrate in few rows or columns (on MiniLM typically 20-50 % of either), so this
-    costs that fraction of the full weight-gradient GEMM.
-    """
-    if pattern.rows.numel() * x2.shape[1] <= pattern.cols.numel() * gy2.shape[1]:
-        return (gy2.index_select(1, pattern.rows).t() @ x2)[pattern.row_pos, pattern.in_idx]
-    return (gy2.t() @ x2.index_select(1, pattern.cols))[pattern.out_idx, pattern.col_pos]
-
-
-def _densify(weight: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """A contiguous [out, in] copy of W0 + Delta (``index_add_``: no sort, duplicates add up)."""
-    full = weight.detach().clone(memory_format=torch.contiguous_format)
-    full.view(-1).index_add_(0, flat, values.detach())
-    return full
+    def __init__(self, flat: torch.Tensor, num_ids: int, dim: int, padding_idx: int | None = None) -> None:
+        flat = flat.long()
+        rows, row_pos = torch.unique(torch.div(flat, dim, rounding_mode="floor"), return_inverse=True)
+        self.num_rows = rows.numel()  # the compact table has one more row, for ids without entries
+        self.row_of_id = torch.full((num_ids,), self.num_rows, dtype=torch.long, device=flat.device)
+        self.row_of_id[rows] = torch.arange(self.num_rows, device=flat.device)
+        if padding_idx is not None:  # the padding id's output is constant: its entries get no gradient
+            self.row_of_id[padding_idx] = self.num_rows
+        self.flat_in_table = row_pos * dim + flat % dim
 
 
-def sparse_delta_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    out_idx: torch.Tensor | None,
-    in_idx: torch.Tensor | None,
-    values: torch.Tensor,
-    strategy: str = "auto",
-    pattern: SparsePattern | None = None,
-) -> torch.Tensor:
-    """Apply ``F.linear(x, W0 + Delta, bias)``; ``weight`` is W0 in [out, in] layout (a transposed view is fine).
+class SampledEmbedding(torch.autograd.Function):
+    """``F.embedding(ids, W, padding_idx)`` whose backward gives the entries' gradients (no vocabulary-sized grad)."""
 
-    ``out_idx``/``in_idx`` are integer tensors giving the (row, column) of each trained entry and ``values`` the
-    offsets; callers that apply the same entries repeatedly pass a prebuilt ``pattern``
-    (:meth:`SparsePattern.build`) instead. ``strategy`` is ``"gather"``, ``"dense"`` or ``"auto"`` (by density,
-    see ``DENSE_DENSITY_THRESHOLD``).
-    """
-    if strategy not in ("auto", "gather", "dense"):
-        raise ValueError(f"strategy must be 'auto', 'gather' or 'dense', got {strategy!r}")
-    if values.numel() == 0:
-        return F.linear(x, weight, bias)
-    if pattern is None:
-        if out_idx is None or in_idx is None:
-            raise ValueError("sparse_delta_linear needs out_idx and in_idx, or a pattern.")
-        pattern = SparsePattern.build(out_idx, in_idx, weight.shape[1])
-    if strategy == "auto":
-        dense = values.numel() > DENSE_DENSITY_THRESHOLD * weight.numel()
-    else:
-        dense = strategy == "dense"
-    values = values.to(x.dtype)
-    if bias is not None:
-        bias = bias.to(x.dtype)
-    return SparseDeltaLinear.apply(x, weight, bias, values, dense, *pattern)
+    @staticmethod
+    def forward(ctx, ids, weight, padding_idx, row_tables, *values):  # noqa: D102
+        ctx.row_tables = row_tables
+        ctx.padding_idx = padding_idx
+        ctx.num_ids = weight.shape[0]
+        ctx.save_for_backward(ids)
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        (ids,) = ctx.saved_tensors
+        gy2 = grad_out.reshape(-1, grad_out.shape[-1])
+        flat_ids = ids.reshape(-1)
+        padding = -1 if ctx.padding_idx is None else ctx.padding_idx
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.ops.aten.embedding_dense_backward(gy2, flat_ids, ctx.num_ids, padding, False)
+        grads = []
+        for table, needed in zip(ctx.row_tables, ctx.needs_input_grad[4:]):
+            if not needed:
+                grads.append(None)
+                continue
+            # ids without entries (and the padding id) land in the extra last row, which is ignored
+            compact = table.row_of_id[flat_ids]
+            rows = torch.ops.aten.embedding_dense_backward(gy2, compact, table.num_rows + 1, table.num_rows, False)
+            grads.append(rows.reshape(-1)[table.flat_in_table])
+        return None, grad_w, None, None, *grads
+
+
+class EntryTap(torch.autograd.Function):
+    """Identity on a (small) tensor; backward hands each adapter the gradient at its entries."""
+
+    @staticmethod
+    def forward(ctx, tensor, flats, *values):  # noqa: D102
+        ctx.flats = flats
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        flat_grad = grad.reshape(-1)
+        grads = [flat_grad[f] if needed else None for f, needed in zip(ctx.flats, ctx.needs_input_grad[2:])]
+        return (grad if ctx.needs_input_grad[0] else None), None, *grads
+
+
+def tap_entries(tensor: torch.Tensor, flats: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+    """``tensor`` unchanged, with the gradient of each ``values[i]`` taken at ``tensor.view(-1)[flats[i]]``."""
+    return EntryTap.apply(tensor, tuple(flats), *values)

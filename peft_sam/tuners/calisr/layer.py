@@ -218,8 +218,14 @@ class CaliSrLayer(BaseTunerLayer):
             raise RuntimeError("Stable ranks cannot be measured while the adapter is merged: unmerge it first.")
         delta = self.inner_delta_weight64(adapter_name)
         if include_base:
-            delta = delta + self.get_base_layer().weight.detach().to(torch.float64)
+            delta = delta + self.pristine_weight().detach().to(torch.float64)
         return delta
+
+    def pristine_weight(self) -> torch.Tensor:
+        """The pre-trained ``W0`` (a SAM inner layer keeps ``W0 + Delta`` in the base weight between forwards)."""
+        if self.inner_kind == "SAM":
+            return self.inner.pristine_tensor("weight")
+        return self.get_base_layer().weight
 
     @torch.no_grad()
     def effective_weight64(self, adapter_name: str, include_base: bool = True) -> torch.Tensor:
@@ -289,6 +295,8 @@ class CaliSrLayer(BaseTunerLayer):
         extras = [self.calisr_extra[a] for a in self.active_adapters if a in self.calisr_extra]
         if not extras:
             return self.base_layer(x, *args, **kwargs)
+        if self.inner_kind == "SAM":
+            self.inner.refresh_base()  # before functional_call swaps the weight SAM writes its entries into
         leaf = self.get_base_layer()
         weight = leaf.weight
         if "weight" in vars(leaf):

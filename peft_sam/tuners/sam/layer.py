@@ -3,7 +3,12 @@
 For every adapted tensor (the base module's ``weight`` and, optionally, ``bias``) an adapter holds
 ``sam_indices`` (flat indices into the tensor, an int32 buffer; int64 for tensors with >= 2**31 entries) and
 ``sam_values`` (a 1-D parameter with the offsets). The bias uses ``sam_bias_indices``/``sam_bias_values``.
-The base tensors never change while training, so every non-chosen entry stays at its pre-trained value.
+
+While an adapter is active (and not merged), the base tensors hold ``W0 + Delta`` (refreshed by the forward after
+each optimizer step; the pre-trained values of the touched entries are kept in ``sam_w0``/``sam_bias_w0``), so the
+forward and the input gradient are the base module's own dense ops and the entries' gradient is a sampled product
+(:mod:`peft_sam.ops.sparse_delta`). Disabling, switching, deleting, merging or saving restores ``W0`` exactly where
+it needs to; every entry that is not chosen never changes.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ...ops.sparse_delta import SparsePattern, sparse_delta_linear
+from ...ops.sparse_delta import EmbeddingRows, EntryPattern, SampledEmbedding, SampledLinear, tap_entries
 
 # tensor name on the base module -> (indices buffer dict, values parameter dict) on the SAM layer
 TENSOR_SLOTS = {"weight": ("sam_indices", "sam_values"), "bias": ("sam_bias_indices", "sam_bias_values")}
+# tensor name -> buffer dict with the pre-trained values at the entries while the base tensor holds W0 + Delta
+W0_SLOTS = {"weight": "sam_w0", "bias": "sam_bias_w0"}
 
 
 class SAMNotCalibratedError(RuntimeError):
@@ -46,7 +53,7 @@ class SAMLayer(BaseTunerLayer):
     """Mixin holding the sparse offsets of every adapter on one base module."""
 
     adapter_layer_names = ("sam_values", "sam_bias_values")
-    other_param_names = ("sam_indices", "sam_bias_indices", "sam_shapes")
+    other_param_names = ("sam_indices", "sam_bias_indices", "sam_shapes", "sam_w0", "sam_bias_w0")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -56,20 +63,28 @@ class SAMLayer(BaseTunerLayer):
         self.sam_bias_indices = BufferDict({}, persistent=True)
         # adapter name -> shapes of the adapted base tensors (saved, so a file never loads onto other shapes)
         self.sam_shapes = BufferDict({}, persistent=True)
+        # adapter name -> W0 at its entries, while the base tensor holds W0 + Delta (not saved: W0 is the base's)
+        self.sam_w0 = BufferDict({}, persistent=False)
+        self.sam_bias_w0 = BufferDict({}, persistent=False)
+        # tensor name -> (values key, adapters, {adapter: flat indices}, base data_ptr) of what the base holds now
+        self._sam_live: dict[str, tuple] = {}
         # adapter name -> base tensors ("weight", "bias") a selection may choose entries in
         self.sam_candidates: dict[str, list[str]] = {}
         # (adapter, buffer name) -> ((buffer, version), pending?): is_pending without a sync per forward
         self._sam_pending_cache: dict[tuple[str, str], tuple[tuple[torch.Tensor, int], bool]] = {}
         self._sam_shapes_checked: dict[str, tuple[torch.Tensor, int]] = {}  # (buffer, version) checked last
-        # tensor name -> (key of the active adapters' index buffers, int64 indices, derived index structures):
-        # rebuilt only when an index buffer changes (selection, loading, .to(device)), not every forward
-        self._sam_index_cache: dict[str, tuple[tuple, torch.Tensor, Any]] = {}
+        # (tensor name, adapter) -> (index buffer, its version, int64 indices, derived structures): rebuilt only
+        # when an index buffer changes (selection, loading, .to(device)), not every forward
+        self._sam_index_cache: dict[tuple[str, str], tuple] = {}
         # adapter name -> {tensor name: base values at the indices before merging}, to unmerge exactly
         self._sam_merge_backup: dict[str, dict[str, torch.Tensor]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
         self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
+        # state dicts always show the pre-trained base tensors; loading into this layer restores them first
+        self.register_state_dict_post_hook(_pristine_state_dict_hook)
+        self.register_load_state_dict_pre_hook(_restore_before_load_hook)
 
     # ------------------------------------------------------------------ adapter bookkeeping
     def adapted_tensor_names(self, include_bias: bool = True) -> list[str]:
@@ -145,10 +160,16 @@ class SAMLayer(BaseTunerLayer):
         """Make ``indices`` (flat, unique) the trained entries of ``tensor_name`` for ``adapter_name``.
 
         New offsets are zero (``init_weights=True``) or small random numbers, unless ``values`` is given.
-        Replaces the parameter object, so call it before an optimizer is built.
+        Entries are kept in row-major order (``values`` are permuted along). Replaces the parameter object, so
+        call it before an optimizer is built.
         """
+        self.restore_base()  # the backups of W0 belong to the old entries
         base = self.base_tensor(tensor_name)
         indices = indices.reshape(-1).to(device=base.device, dtype=torch.long)
+        if not _placeholder and indices.numel() > 1:
+            indices, order = torch.sort(indices)
+            if values is not None:
+                values = values.reshape(-1)[order.to(values.device)]
         if (
             not _placeholder
             and indices.numel()
@@ -206,6 +227,7 @@ class SAMLayer(BaseTunerLayer):
         return sum(e[0].numel() for t in TENSOR_SLOTS if (e := self.entries(adapter_name, t)) is not None)
 
     def delete_adapter(self, adapter_name: str) -> None:  # noqa: D102
+        self.restore_base()
         super().delete_adapter(adapter_name)
         self._sam_pending_cache = {k: v for k, v in self._sam_pending_cache.items() if k[0] != adapter_name}
         self.sam_candidates.pop(adapter_name, None)
@@ -213,39 +235,151 @@ class SAMLayer(BaseTunerLayer):
         self._sam_index_cache.clear()  # drop references to the deleted buffers
         self._sam_shapes_checked.pop(adapter_name, None)
 
-    def _active_entries(self, tensor_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Indices (int64) and values of all active, selected adapters on one tensor, concatenated.
-
-        The indices come from a cache keyed by the index buffers (so the same tensor object is returned while
-        they do not change, and :meth:`_derived_indices` can hang index structures on it).
-        """
+    def _ready_adapters(self, tensor_name: str) -> tuple[str, ...]:
+        """Active adapters with selected entries on ``tensor_name``."""
         idx_name, val_name = TENSOR_SLOTS[tensor_name]
         buffers, values = getattr(self, idx_name), getattr(self, val_name)
-        ready = [
+        return tuple(
             a
             for a in self.active_adapters
             if a in values and a in buffers and buffers[a].numel() and not self.is_pending(a)
-        ]
-        if not ready:
-            return None
-        # the key holds the buffers themselves (compared by identity and version): a freed buffer's address
-        # cannot be reused by a new one while the cache refers to it
-        key = tuple((a, buffers[a], buffers[a]._version) for a in ready)
-        cached = self._sam_index_cache.get(tensor_name)
-        if cached is None or not _same_buffers(cached[0], key):
-            idx = torch.cat([buffers[a].long() for a in ready]) if len(ready) > 1 else buffers[ready[0]].long()
-            cached = (key, idx, None)
-            self._sam_index_cache[tensor_name] = cached
-        vals = values[ready[0]] if len(ready) == 1 else torch.cat([values[a] for a in ready])
-        return cached[1], vals
+        )
 
-    def _derived_indices(self, tensor_name: str, build: Any) -> Any:
-        """``build(indices)`` for the current active indices of ``tensor_name``, computed once per index change."""
-        key, idx, derived = self._sam_index_cache[tensor_name]
-        if derived is None:
-            derived = build(idx)
-            self._sam_index_cache[tensor_name] = (key, idx, derived)
-        return derived
+    def _flat_index(self, tensor_name: str, adapter_name: str) -> torch.Tensor:
+        """The int64 flat indices of one adapter on one tensor, converted once per index buffer."""
+        idx = getattr(self, TENSOR_SLOTS[tensor_name][0])[adapter_name]
+        key = (tensor_name, adapter_name)
+        cached = self._sam_index_cache.get(key)
+        if cached is None or cached[0] is not idx or cached[1] != idx._version:
+            cached = (idx, idx._version, idx.long(), {})
+            self._sam_index_cache[key] = cached
+        return cached[2]
+
+    def _derived(self, tensor_name: str, adapter_name: str, kind: str, build: Any) -> Any:
+        """``build(flat indices)`` for one adapter's entries, computed once per index change (no per-step syncs)."""
+        flat = self._flat_index(tensor_name, adapter_name)
+        derived = self._sam_index_cache[(tensor_name, adapter_name)][3]
+        if kind not in derived:
+            derived[kind] = build(flat)
+        return derived[kind]
+
+    # ------------------------------------------------------------------ the base tensors hold W0 + Delta
+    def _registered(self, tensor_name: str) -> nn.Parameter | None:
+        """The base module's registered parameter, or None while a wrapper shadows it (FSDP, functional_call)."""
+        found = self.get_base_layer()._parameters.get(tensor_name)
+        return found if isinstance(found, nn.Parameter) else None
+
+    def _values_key(self, tensor_name: str, adapters: tuple[str, ...]) -> tuple:
+        values = getattr(self, TENSOR_SLOTS[tensor_name][1])
+        return tuple((a, values[a]._version, values[a].data_ptr()) for a in adapters)
+
+    def refresh_base(self) -> None:
+        """Make the base tensors hold ``W0 + sum of the active adapters' offsets`` (no-op when already current).
+
+        Called by every forward; costs two kernels per adapted tensor after each optimizer step and nothing
+        otherwise. The pre-trained values of the touched entries are kept (``sam_w0``), so
+        :meth:`restore_base` brings ``W0`` back bit for bit.
+        """
+        if self.merged or self.disable_adapters:
+            return
+        for tensor_name in TENSOR_SLOTS:
+            adapters = self._ready_adapters(tensor_name)
+            if not adapters:
+                self._restore_tensor(tensor_name)
+                continue
+            param = self._registered(tensor_name)
+            if param is None:
+                continue  # shadowed: the forward checks whether what it sees is current
+            key = self._values_key(tensor_name, adapters)
+            live = self._sam_live.get(tensor_name)
+            if live is not None and live[0] == key and live[3] == param.data_ptr():
+                continue
+            self._apply_tensor(tensor_name, param, adapters, live)
+            self._sam_live[tensor_name] = (key, adapters, self._sam_live[tensor_name][2], param.data_ptr())
+
+    @torch.no_grad()
+    def _apply_tensor(self, tensor_name: str, param: torch.Tensor, adapters: tuple[str, ...], live) -> None:
+        w0_store = getattr(self, W0_SLOTS[tensor_name])
+        values = getattr(self, TENSOR_SLOTS[tensor_name][1])
+        flats = {a: self._flat_index(tensor_name, a) for a in adapters}
+        target = param.detach().view(-1)  # detach() shares the version counter: autograd sees the write
+        if live is None or live[1] != adapters:
+            self._restore_tensor(tensor_name)
+            for a in adapters:  # every backup is taken before any offset is written (entries may overlap)
+                w0_store[a] = target[flats[a]]
+            self._sam_live[tensor_name] = (None, adapters, flats, param.data_ptr())
+        if len(adapters) == 1:
+            a = adapters[0]
+            target.index_put_((flats[a],), w0_store[a] + values[a].detach().to(target.dtype))
+            return
+        for a in adapters:
+            target.index_put_((flats[a],), w0_store[a])
+        for a in adapters:
+            target.index_add_(0, flats[a], values[a].detach().to(target.dtype))
+
+    @torch.no_grad()
+    def _restore_tensor(self, tensor_name: str) -> None:
+        live = self._sam_live.pop(tensor_name, None)
+        if live is None:
+            return
+        w0_store = getattr(self, W0_SLOTS[tensor_name])
+        param = self._registered(tensor_name)
+        if param is None:
+            raise RuntimeError(
+                f"SAM cannot restore the pre-trained {tensor_name} while a wrapper (FSDP, functional_call) replaces "
+                "it: unwrap the model first."
+            )
+        target = param.detach().view(-1)
+        for a in reversed(live[1]):
+            if a in w0_store:
+                target.index_put_((live[2][a],), w0_store[a])
+                del w0_store[a]
+
+    def restore_base(self) -> None:
+        """Bring the base tensors back to the pre-trained ``W0`` exactly (the next forward re-applies the offsets)."""
+        for tensor_name in TENSOR_SLOTS:
+            self._restore_tensor(tensor_name)
+
+    def is_live(self) -> bool:
+        """Whether the base tensors currently hold unmerged offsets (between forwards of an active adapter)."""
+        return bool(self._sam_live)
+
+    def pristine_tensor(self, tensor_name: str) -> torch.Tensor:
+        """The pre-trained ``W0`` of ``tensor_name`` (a copy when the base tensor currently holds offsets)."""
+        tensor = self.base_tensor(tensor_name)
+        live = self._sam_live.get(tensor_name)
+        if live is None:
+            return tensor
+        w0_store = getattr(self, W0_SLOTS[tensor_name])
+        flat = tensor.detach().reshape(-1).clone()
+        for a in reversed(live[1]):
+            flat[live[2][a]] = w0_store[a]
+        return flat.view_as(tensor)
+
+    def enable_adapters(self, enabled: bool) -> None:  # noqa: D102
+        if not enabled:
+            self.restore_base()
+        super().enable_adapters(enabled)
+
+    def _seen_is_current(self, tensor_name: str, adapters: tuple[str, ...]) -> bool:
+        """Whether the tensor the forward sees already holds the current offsets of ``adapters``."""
+        live = self._sam_live.get(tensor_name)
+        return live is not None and live[1] == adapters and live[0] == self._values_key(tensor_name, adapters)
+
+    def _out_of_place(self, tensor_name: str, adapters: tuple[str, ...]) -> torch.Tensor:
+        """``W0 + offsets`` built from the tensor the forward sees (a shadowing wrapper whose copy is stale)."""
+        seen = self.base_tensor(tensor_name)
+        values = getattr(self, TENSOR_SLOTS[tensor_name][1])
+        live = self._sam_live.get(tensor_name)
+        w0_store = getattr(self, W0_SLOTS[tensor_name])
+        flat = seen.reshape(-1)
+        for a in adapters:
+            idx = self._flat_index(tensor_name, a)
+            w0 = w0_store[a] if live is not None and a in live[1] else seen.detach().reshape(-1)[idx]
+            flat = flat.index_put((idx,), w0.to(seen.dtype))
+        for a in adapters:
+            flat = flat.index_add(0, self._flat_index(tensor_name, a), values[a].to(seen.dtype))
+        return flat.view_as(seen)
 
     def _check_calibrated(self) -> None:
         for adapter in self.active_adapters:
@@ -276,6 +410,7 @@ class SAMLayer(BaseTunerLayer):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the offsets of the given (default: active) adapters into the base tensors."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
+        self.restore_base()  # merging starts from W0
         for adapter in adapter_names:
             if (adapter not in self.sam_values and adapter not in self.sam_bias_values) or self.is_pending(
                 adapter
@@ -317,28 +452,41 @@ class SAMLayer(BaseTunerLayer):
 
     # ------------------------------------------------------------------ forward
     def dispatch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Base output, plus the offsets of the active adapters unless disabled or merged."""
+        """The base module's forward on ``W0 + Delta`` (kept in the base tensors), unless disabled or merged."""
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
+            self.restore_base()
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         self._check_calibrated()
-        weight_entries = self._active_entries("weight")
-        bias_entries = self._active_entries("bias")
-        if weight_entries is None and bias_entries is None:
+        self.refresh_base()
+        adapters = {t: self._ready_adapters(t) for t in TENSOR_SLOTS}
+        if not adapters["weight"] and not adapters["bias"]:
             return self.base_layer(x, *args, **kwargs)
-        return self._sam_forward(x, weight_entries, bias_entries, *args, **kwargs)
+        tensors = {}  # what the forward runs on: the base tensors, or W0 + Delta built for a shadowing wrapper
+        for tensor_name, names in adapters.items():
+            if names:
+                current = self._registered(tensor_name) is not None or self._seen_is_current(tensor_name, names)
+                tensors[tensor_name] = None if current else self._out_of_place(tensor_name, names)
+        return self._sam_forward(x, adapters, tensors, *args, **kwargs)
 
-    def _effective_bias(self, bias_entries) -> torch.Tensor | None:
-        bias = self.get_base_layer().bias
-        if bias is None or bias_entries is None:
-            return bias
-        idx, vals = bias_entries
-        return bias.index_add(0, idx, vals.to(bias.dtype))
+    def _values(self, tensor_name: str, adapters: tuple[str, ...]) -> list[torch.Tensor]:
+        values = getattr(self, TENSOR_SLOTS[tensor_name][1])
+        return [values[a] for a in adapters]
 
-    def _sam_forward(self, x, weight_entries, bias_entries, *args, **kwargs) -> torch.Tensor:
+    def _tapped(self, tensor_name: str, adapters: tuple[str, ...], tensors: dict) -> torch.Tensor | None:
+        """The base tensor as the forward should see it, carrying the gradient of the entries' values."""
+        if tensors.get(tensor_name) is not None:
+            return tensors[tensor_name]  # built out of place: autograd reaches the values through it
+        base = getattr(self.get_base_layer(), tensor_name, None)
+        if not adapters or base is None:
+            return base
+        flats = [self._flat_index(tensor_name, a) for a in adapters]
+        return tap_entries(base, flats, self._values(tensor_name, adapters))
+
+    def _sam_forward(self, x, adapters, tensors, *args, **kwargs) -> torch.Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -357,30 +505,29 @@ class Linear(nn.Module, SAMLayer):
 
     forward = SAMLayer.dispatch_forward
 
-    def _sam_forward(self, x, weight_entries, bias_entries, *args, **kwargs) -> torch.Tensor:
+    def _sam_forward(self, x, adapters, tensors, *args, **kwargs) -> torch.Tensor:
         base = self.get_base_layer()
-        weight = base.weight
+        if any(t is not None for t in tensors.values()):  # a shadowing wrapper: plain autograd on W0 + Delta
+            weight = tensors.get("weight") if tensors.get("weight") is not None else base.weight
+            bias = tensors.get("bias") if tensors.get("bias") is not None else base.bias
+            x = self._cast_input_dtype(x, weight.dtype)
+            return F.linear(x, weight.t() if self.is_conv1d else weight, bias)
+        weight, bias = base.weight, base.bias
         x = self._cast_input_dtype(x, weight.dtype)
-        bias = self._effective_bias(bias_entries)
-        if weight_entries is None:
-            w = weight.t() if self.is_conv1d else weight
-            return F.linear(x, w, bias)
-        _, vals = weight_entries
-        pattern = self._derived_indices("weight", self._build_pattern)
-        w = weight.t() if self.is_conv1d else weight
-        return sparse_delta_linear(x, w, bias, None, None, vals, pattern=pattern)
-
-    def _build_pattern(self, idx: torch.Tensor) -> SparsePattern:
-        weight = self.get_base_layer().weight
-        if self.is_conv1d:  # weight [in, out]; the op works on its [out, in] view
-            n_out = weight.shape[1]
-            return SparsePattern.build(idx % n_out, torch.div(idx, n_out, rounding_mode="floor"), weight.shape[0])
-        n_in = weight.shape[1]
-        return SparsePattern.build(torch.div(idx, n_in, rounding_mode="floor"), idx % n_in, n_in)
+        rows, cols = weight.shape
+        num_bias = 0 if bias is None else bias.numel()
+        w_patterns = tuple(
+            self._derived("weight", a, "csr", lambda f: EntryPattern(f, rows, cols)) for a in adapters["weight"]
+        )
+        b_patterns = tuple(
+            self._derived("bias", a, "csr", lambda f: EntryPattern(f, 1, num_bias)) for a in adapters["bias"]
+        )
+        values = self._values("weight", adapters["weight"]) + self._values("bias", adapters["bias"])
+        return SampledLinear.apply(x, weight, bias, (w_patterns, b_patterns, self.is_conv1d), *values)
 
 
 class Embedding(nn.Module, SAMLayer):
-    """SAM on ``nn.Embedding``: the looked-up rows get the offsets of their chosen entries added."""
+    """SAM on ``nn.Embedding``: a plain lookup in the table (which holds W0 + Delta); entries' gradients by row."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs: Any) -> None:
         super().__init__()
@@ -390,33 +537,26 @@ class Embedding(nn.Module, SAMLayer):
 
     forward = SAMLayer.dispatch_forward
 
-    def _sam_forward(self, x, weight_entries, bias_entries, *args, **kwargs) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        if weight_entries is None:
-            return result
-        _, vals = weight_entries
-        row_of_id, flat_in_table, num_rows = self._derived_indices("weight", self._build_row_table)
-        # the offsets live in a small [rows holding entries + 1, dim] table (the last row stays zero, for ids
-        # without entries); looking ids up in it needs no vocabulary-sized tensor and no host sync
-        dim = self.get_base_layer().weight.shape[1]
-        table = vals.new_zeros((num_rows + 1) * dim).index_add(0, flat_in_table, vals).view(num_rows + 1, dim)
-        return result + F.embedding(row_of_id[x], table).to(result.dtype)
-
-    def _build_row_table(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(id -> row of the offset table, or the zero row; each entry's flat position in the table; rows)."""
-        num_ids, dim = self.get_base_layer().weight.shape
-        rows, row_pos = torch.unique(torch.div(idx, dim, rounding_mode="floor"), return_inverse=True)
-        row_of_id = torch.full((num_ids,), rows.numel(), dtype=torch.long, device=idx.device)
-        row_of_id[rows] = torch.arange(rows.numel(), device=idx.device)
-        return row_of_id, row_pos * dim + idx % dim, rows.numel()
+    def _sam_forward(self, x, adapters, tensors, *args, **kwargs) -> torch.Tensor:
+        base = self.get_base_layer()
+        plain = not args and not kwargs and base.max_norm is None and not base.scale_grad_by_freq and not base.sparse
+        if tensors.get("weight") is not None or not plain:  # unusual embeddings: autograd through the table
+            weight = self._tapped("weight", adapters["weight"], tensors)
+            return torch.func.functional_call(base, {"weight": weight}, (x, *args), kwargs, strict=False)
+        num_ids, dim = base.weight.shape
+        tables = tuple(
+            self._derived("weight", a, "rows", lambda f: EmbeddingRows(f, num_ids, dim, base.padding_idx))
+            for a in adapters["weight"]
+        )
+        values = self._values("weight", adapters["weight"])
+        return SampledEmbedding.apply(x, base.weight, base.padding_idx, tables, *values)
 
 
 class Functional(nn.Module, SAMLayer):
-    """SAM on any other leaf module whose only parameters are ``weight``/``bias`` (LayerNorm, RMSNorm, ...).
+    """SAM on any other leaf module whose only parameters are ``weight``/``bias`` (LayerNorm, RMSNorm, conv, ...).
 
-    The module's own forward runs with ``weight + offset`` substituted via ``torch.func.functional_call``
-    (``nn.LayerNorm``: ``F.layer_norm`` directly, without that call's overhead); these tensors are small (hidden
-    size), so the dense temporary is cheap.
+    The module's own forward runs on its base tensors (which hold W0 + Delta); the entries' gradients are read off
+    the dense gradient its backward computes (these tensors are small, or a conv kernel).
     """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs: Any) -> None:
@@ -427,16 +567,12 @@ class Functional(nn.Module, SAMLayer):
 
     forward = SAMLayer.dispatch_forward
 
-    def _sam_forward(self, x, weight_entries, bias_entries, *args, **kwargs) -> torch.Tensor:
+    def _sam_forward(self, x, adapters, tensors, *args, **kwargs) -> torch.Tensor:
         base = self.get_base_layer()
         params = {}
-        if weight_entries is not None:
-            idx, vals = weight_entries
-            params["weight"] = (
-                base.weight.reshape(-1).index_add(0, idx, vals.to(base.weight.dtype)).view_as(base.weight)
-            )
-        if bias_entries is not None:
-            params["bias"] = self._effective_bias(bias_entries)
+        for tensor_name, names in adapters.items():
+            if names or tensors.get(tensor_name) is not None:
+                params[tensor_name] = self._tapped(tensor_name, names, tensors)
         if type(base) is nn.LayerNorm and not args and not kwargs:  # the common case, without functional_call
             return F.layer_norm(
                 x, base.normalized_shape, params.get("weight", base.weight), params.get("bias", base.bias), base.eps
@@ -444,9 +580,18 @@ class Functional(nn.Module, SAMLayer):
         return torch.func.functional_call(base, params, (x, *args), kwargs, strict=False)
 
 
-def _same_buffers(a: tuple, b: tuple) -> bool:
-    """Whether two cache keys ((adapter, buffer, version), ...) name the same buffers at the same versions."""
-    return len(a) == len(b) and all(x[0] == y[0] and x[1] is y[1] and x[2] == y[2] for x, y in zip(a, b))
+def _pristine_state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    """State dicts hold the pre-trained base tensors, never W0 + Delta (which lives there only between forwards)."""
+    for tensor_name in list(module._sam_live):
+        key = f"{prefix}base_layer.{tensor_name}"
+        if key in state_dict:
+            state_dict[key] = module.pristine_tensor(tensor_name).detach()
+
+
+def _restore_before_load_hook(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Loading anything into a SAM layer (base tensors, indices, values) starts from W0."""
+    if module._sam_live and any(key.startswith(prefix) for key in state_dict):
+        module.restore_base()
 
 
 def is_norm_like(module: nn.Module) -> bool:
