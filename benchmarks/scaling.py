@@ -3,9 +3,9 @@
 Per width d (default 256 ... 4096) a layer y = x W^T + b with x of N = 2048 tokens (x needs a gradient, as
 inside a network) is trained for a few steps: forward, ``y.backward(g)`` with a fixed g, AdamW step. Variants:
 
-* ``sam_gather`` / ``sam_dense`` / ``sam_auto``: :func:`peft_sam.ops.sparse_delta.sparse_delta_linear` with
-  K = int(p d^2) trained entries (random positions, or ``--mask rows``: all in a random quarter of the rows,
-  closer to what gradient selection picks), for every p;
+* ``sam``: a SAM layer (``peft_sam.SAMConfig`` on the Linear's weight; W0 + Delta kept in the weight, the entries'
+  gradient by a sampled product) with K = int(p d^2) trained entries (random positions, or ``--mask rows``: all in
+  a random quarter of the rows, closer to what gradient selection picks), for every p;
 * ``supertuning``: PEFT ``SupertuningConfig(sparsity=1-p)`` (top-|W| entries), for every p;
 * ``lora`` (PEFT LoRA r=8, dropout 0) and ``shira`` (PEFT SHiRA r=8), on an ``nn.Sequential(nn.Linear)``;
 * ``full``: the dense Linear, every entry trained.
@@ -13,8 +13,7 @@ inside a network) is trained for a few steps: forward, ``y.backward(g)`` with a 
 Timing: all variants of one width live in one process and take turns round by round (shuffled order), median
 over the timed rounds. Memory: a fresh subprocess per width, each variant measured in turn as the peak RSS
 (``VmHWM``) over its build and steps minus the RSS before (x and g already allocated), or
-``torch.cuda.max_memory_allocated`` on a GPU. The measured gather/dense crossover tells where
-``DENSE_DENSITY_THRESHOLD`` of ``peft_sam/ops/sparse_delta.py`` should sit.
+``torch.cuda.max_memory_allocated`` on a GPU.
 
     python benchmarks/scaling.py                    # -> benchmarks/results/scaling.{jsonl,md,png}
     python benchmarks/scaling.py --widths 256,512 --ps 0.005 --rounds 3
@@ -51,7 +50,7 @@ from common import (  # noqa: E402
 )
 
 SAM_STRATEGIES = ("gather", "dense", "auto")
-PER_P = ["sam_gather", "sam_dense", "sam_auto", "supertuning"]
+PER_P = ["sam", "supertuning"]
 PER_WIDTH = ["full", "lora", "shira"]
 LR = 1e-3
 
@@ -73,11 +72,11 @@ class Variant:
         if name == "full":
             self.module = base
             self.params = list(base.parameters())
-        elif name.startswith("sam_"):
-            from peft_sam.ops.sparse_delta import sparse_delta_linear
+        elif name == "sam":
+            import peft
 
-            for prm in base.parameters():
-                prm.requires_grad_(False)
+            import peft_sam
+
             k = max(1, int(p * width * width))
             if mask == "rows":  # all entries in a random quarter of the rows (gradient masks concentrate)
                 rows = torch.randperm(width, generator=gen)[: max(1, width // 4)]
@@ -85,17 +84,11 @@ class Variant:
                 idx = rows[flat_in_rows // width] * width + flat_in_rows % width
             else:
                 idx = torch.randperm(width * width, generator=gen)[:k]
-            idx = idx.sort().values.to(device)
-            self.out_idx, self.in_idx = (idx // width), (idx % width)
-            self.values = nn.Parameter(torch.zeros(k, device=device))
-            strategy = name.removeprefix("sam_")
-            self.module = base
-
-            def forward(x):
-                return sparse_delta_linear(x, base.weight, base.bias, self.out_idx, self.in_idx, self.values, strategy)
-
-            self._forward = forward
-            self.params = [self.values]
+            cfg = peft_sam.SAMConfig(p=p, selection="random", target_modules=["0"], include_bias=False)
+            self.module = peft.get_peft_model(nn.Sequential(base), cfg)
+            layer = next(m for m in self.module.modules() if isinstance(m, peft_sam.SAMLayer))
+            layer.set_entries("default", "weight", idx.to(device))
+            self.params = [q for q in self.module.parameters() if q.requires_grad]
         else:
             import peft
 
@@ -128,8 +121,8 @@ def variant_keys(ps: list[float], extra_ps: list[float], available: set[str]) ->
         for n in PER_P:
             if n not in available:
                 continue
-            if p in extra_ps and p not in ps and n not in ("sam_gather", "sam_dense"):
-                continue  # the extra (crossover) p values only for the two strategies
+            if p in extra_ps and p not in ps:
+                continue
             keys.append((n, p))
     return keys
 
@@ -207,42 +200,7 @@ def run_memory_subprocess(width: int, args) -> dict[str, Any]:
         return json.loads(out.read_text())
 
 
-def crossover(rows: list[dict[str, Any]], width: int) -> dict[str, Any]:
-    """Smallest p at which 'dense' beats 'gather' for this width (geometric interpolation between grid points)."""
-    gather = {r["p"]: r["step_seconds"] for r in rows if r["width"] == width and r["method"] == "sam_gather"}
-    dense = {r["p"]: r["step_seconds"] for r in rows if r["width"] == width and r["method"] == "sam_dense"}
-    ps = sorted(set(gather) & set(dense))
-    if not ps:
-        return {"width": width, "crossover_p": None, "note": "no data"}
-    ratio = [(p, gather[p] / dense[p]) for p in ps]  # > 1: dense faster
-    if ratio[0][1] > 1:
-        return {
-            "width": width,
-            "crossover_p": None,
-            "below": ps[0],
-            "ratios": ratio,
-            "note": f"dense already faster at p={ps[0]}",
-        }
-    for (p0, r0), (p1, r1) in zip(ratio, ratio[1:]):
-        if r0 <= 1 < r1:
-            t = (math.log(1) - math.log(r0)) / (math.log(r1) - math.log(r0))
-            return {
-                "width": width,
-                "crossover_p": math.exp(math.log(p0) + t * (math.log(p1) - math.log(p0))),
-                "ratios": ratio,
-            }
-    return {
-        "width": width,
-        "crossover_p": None,
-        "above": ps[-1],
-        "ratios": ratio,
-        "note": f"gather faster up to p={ps[-1]}",
-    }
-
-
 def render(rows: list[dict[str, Any]], info: dict[str, Any], args) -> str:
-    from peft_sam.ops.sparse_delta import DENSE_DENSITY_THRESHOLD
-
     widths = sorted({r["width"] for r in rows})
     ps = sorted({r["p"] for r in rows if r["p"] is not None and r["p"] in args.ps})
     p_ref = 0.005 if 0.005 in ps else (ps[0] if ps else None)
@@ -282,13 +240,6 @@ def render(rows: list[dict[str, Any]], info: dict[str, Any], args) -> str:
             md_table(["p", *[f"{m} ms" for m in PER_P], *[f"{m} MiB" for m in PER_P]], body),
             "",
         ]
-    cross = [crossover(rows, w) for w in widths]
-    cross_lines = []
-    for c in cross:
-        if c.get("crossover_p") is not None:
-            cross_lines.append(f"| {c['width']} | {c['crossover_p']:.5f} |")
-        else:
-            cross_lines.append(f"| {c['width']} | {c.get('note', 'n/a')} |")
     lines = [
         "## Scaling of one layer (step time and peak memory)",
         "",
@@ -308,18 +259,9 @@ def render(rows: list[dict[str, Any]], info: dict[str, Any], args) -> str:
         "",
         t_mem,
         "",
-        "### Against p (SAM strategies, Super-Tuning)",
+        "### Against p (SAM, Super-Tuning)",
         "",
         *sections,
-        "### gather → dense crossover (density at which 'dense' becomes faster than 'gather')",
-        "",
-        "| width | crossover p |",
-        "|--:|--:|",
-        *cross_lines,
-        "",
-        f"`DENSE_DENSITY_THRESHOLD` in `peft_sam/ops/sparse_delta.py` is {DENSE_DENSITY_THRESHOLD} at the time of "
-        "this run; `sam_auto` uses it.",
-        "",
     ]
     return "\n".join(lines)
 
@@ -334,8 +276,7 @@ def plot(rows: list[dict[str, Any]], path: Path, ps: list[float]) -> None:
     p_ref = 0.005 if 0.005 in ps else ps[0]
     w_ref = 1024 if 1024 in widths else widths[-1]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    styles = {"full": "k-", "lora": "C0-", "shira": "C1-", "supertuning": "C2-", "sam_gather": "C3--",
-              "sam_dense": "C3:", "sam_auto": "C3-"}  # fmt: skip
+    styles = {"full": "k-", "lora": "C0-", "shira": "C1-", "supertuning": "C2-", "sam": "C3-"}
     for col, (key, label, scale) in enumerate(
         (("step_seconds", "step time (ms)", 1000), ("peak_bytes", "peak memory (MiB)", 2**-20))
     ):
@@ -389,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--widths", default="256,512,1024,2048,4096")
     parser.add_argument("--ps", default="0.001,0.005,0.01,0.05,0.1")
-    parser.add_argument("--crossover-ps", default="0.0001,0.0003", help="extra p for sam_gather/sam_dense only")
+    parser.add_argument("--crossover-ps", default="", help="extra p values (sparse variants only)")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--methods", default=",".join(PER_WIDTH + PER_P))
     parser.add_argument("--rounds", type=int, default=3)
@@ -486,8 +427,6 @@ def main(argv: list[str] | None = None) -> int:
     (out / f"scaling{args.tag}.md").write_text(md, encoding="utf-8")
     plot(rows, out / f"scaling{args.tag}.png", args.ps)
     print(md)
-    for c in (crossover(rows, w) for w in sorted({r["width"] for r in rows})):
-        print(f"crossover width {c['width']}: {c.get('crossover_p') or c.get('note')}")
     return 0
 
 

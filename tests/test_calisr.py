@@ -613,7 +613,7 @@ def test_float64_effective_weight_matches_the_layer_delta(kind, model_name):
     for name, layer in calisr_layers(model, "default"):
         w64 = layer.effective_weight64("default")
         assert w64.dtype == torch.float64
-        reference = layer.get_base_layer().weight.double() + layer.get_delta_weight("default").double()
+        reference = layer.pristine_weight().double() + layer.get_delta_weight("default").double()
         torch.testing.assert_close(w64, reference, atol=1e-6, rtol=0, msg=name)
 
 

@@ -39,6 +39,9 @@ class EntryPattern:
         self.crow[1:] = torch.bincount(row, minlength=self.rows).cumsum(0)
         self._templates: dict[torch.dtype, torch.Tensor] = {}
 
+    def __getstate__(self) -> dict:  # copies (deepcopy, pickle) rebuild the CSR templates lazily
+        return {k: v for k, v in self.__dict__.items() if k != "_templates"} | {"_templates": {}}
+
     def template(self, dtype: torch.dtype) -> torch.Tensor:
         """A sparse CSR tensor with the entries' positions (values unused: the product runs with beta=0)."""
         found = self._templates.get(dtype)
