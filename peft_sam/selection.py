@@ -88,16 +88,22 @@ def _sam_config(model: nn.Module, adapter_name: str | None) -> tuple[str, SAMCon
 
 
 # ---------------------------------------------------------------------------------------------------- top-k
-def top_entries(scores: list[torch.Tensor], p: float, scope: str, names: list[str] | None = None):
+def top_entries(
+    scores: list[torch.Tensor], p: float, scope: str, names: list[str] | None = None, floor: float | None = None
+):
     """Indices (sorted int64 per tensor) of the top-scored entries: int(p*numel) each, or int(p*total) globally.
 
-    Ties are broken by the lower flat index, so the result is deterministic.
+    Entries scored ``-inf`` or at most ``floor`` are never chosen (a tensor may then get fewer, or none). Ties are
+    broken by the lower flat index, so the result is deterministic.
     """
+    floor = float("-inf") if floor is None else floor
     if scope == "per_tensor":
-        chosen = [_topk_stable(s.reshape(-1), int(p * s.numel())) for s in scores]
+        chosen = [
+            _topk_stable(s.reshape(-1), min(int(p * s.numel()), int((s > floor).sum()))) for s in scores
+        ]
     elif scope == "global":
         flat = torch.cat([s.reshape(-1).to(torch.float64) for s in scores])
-        picked = _topk_stable(flat, int(p * flat.numel()))
+        picked = _topk_stable(flat, min(int(p * flat.numel()), int((flat > floor).sum())))
         chosen, start = [], 0
         for s in scores:
             in_range = picked[(picked >= start) & (picked < start + s.numel())]
@@ -156,7 +162,23 @@ def data_free_scores(candidates: list[Candidate], config: SAMConfig) -> list[tor
             scores.append(torch.full(tensor.shape, 1.0 if cand.tensor_name == "bias" else 0.0))
         else:
             raise ValueError(f"{config.selection!r} is not a data-free selection {DATA_FREE_SELECTIONS}.")
-    return scores
+    return [exclude_structural_zeros(c, s) for c, s in zip(candidates, scores)]
+
+
+# Entries whose calibration score is below this fraction of the largest score have a gradient that is zero by
+# construction, seen through float rounding (e.g. the key-projection bias under softmax attention, whose gradient
+# cancels over the keys: ~1e-9 of the other tensors' on BERT); they are never selected.
+STRUCTURAL_ZERO_RTOL = 1e-6
+
+
+def exclude_structural_zeros(cand: Candidate, score: torch.Tensor) -> torch.Tensor:
+    """``score`` with the entries that can never receive a gradient set to -inf (an embedding's padding row)."""
+    base = cand.layer.get_base_layer()
+    padding_idx = getattr(base, "padding_idx", None)
+    if isinstance(base, nn.Embedding) and padding_idx is not None and cand.tensor_name == "weight":
+        score = score.clone()
+        score[padding_idx] = float("-inf")
+    return score
 
 
 def select_data_free(model: nn.Module, adapter_name: str, config: SAMConfig) -> int:
@@ -348,7 +370,9 @@ def _select_parameters(model, dataloader, adapter_name, method, num_batches, cli
         loss_fn=loss_fn,
         show_progress=show_progress,
     )
-    indices = top_entries([s.cpu() for s in scores], config.p, config.scope)
+    scores = [exclude_structural_zeros(c, s.cpu()) for c, s in zip(candidates, scores)]
+    largest = max(float(s.max()) for s in scores if s.numel())
+    indices = top_entries(scores, config.p, config.scope, floor=STRUCTURAL_ZERO_RTOL * largest)
     indices = _broadcast_from_rank0(indices)
     _apply(candidates, adapter_name, indices, config)
     return SelectionSummary(

@@ -49,9 +49,13 @@ def test_per_tensor_selection_matches_dense_reference(method):
     reference = _dense_scores(method, batches)
     chosen = _selected(model)
     assert summary.num_batches == 4 and summary.num_selected == sum(i.numel() for i in chosen.values())
+    floor = peft_sam.selection.STRUCTURAL_ZERO_RTOL * max(float(reference[n].max()) for n in chosen)
     for name, idx in chosen.items():
-        score = reference[name].reshape(-1)
-        k = int(0.05 * score.numel())
+        score = reference[name].clone()
+        if name == "bert.embeddings.word_embeddings.weight":
+            score[0] = float("-inf")  # the padding row never gets a gradient
+        score = score.reshape(-1)
+        k = min(int(0.05 * score.numel()), int((score > floor).sum()))
         assert idx.numel() == k, name
         if k == 0:
             continue
@@ -121,3 +125,18 @@ def test_selection_runs_without_touching_the_trainable_flags_or_the_rng_of_train
     assert all(flag == ("sam_" in n or "modules_to_save" in n) for n, flag in flags.items())
     assert all(p.grad is None for p in model.parameters())
     assert not any(m.disable_adapters for m in model.modules() if isinstance(m, SAMLayer))
+
+
+def test_entries_with_a_gradient_zero_by_construction_are_never_selected():
+    # the key bias under softmax attention (its gradient cancels over the keys) and the padding row of the embedding
+    model, _, _ = _calibrate("sam")
+    chosen = _selected(model)
+    key_biases = [n for n in chosen if n.endswith("attention.self.key.bias")]
+    assert key_biases and all(chosen[n].numel() == 0 for n in key_biases)
+    hidden = model.base_model.model.config.hidden_size
+    words = chosen["bert.embeddings.word_embeddings.weight"]
+    assert words.numel() > 0 and bool((words >= hidden).all())  # nothing in row 0 (pad_token_id)
+    assert all(chosen[n].numel() > 0 for n in chosen if n.endswith("attention.self.query.bias"))
+    # data-free selections skip the padding row as well
+    drawn = get_peft_model(tiny_bert(0), SAMConfig(p=0.9, selection="random", task_type="SEQ_CLS"))
+    assert bool((_selected(drawn)["bert.embeddings.word_embeddings.weight"] >= hidden).all())

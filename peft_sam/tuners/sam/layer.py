@@ -85,6 +85,7 @@ class SAMLayer(BaseTunerLayer):
         # state dicts always show the pre-trained base tensors; loading into this layer restores them first
         self.register_state_dict_post_hook(_pristine_state_dict_hook)
         self.register_load_state_dict_pre_hook(_restore_before_load_hook)
+        self.register_load_state_dict_post_hook(_drop_unloaded_slots_hook)
 
     # ------------------------------------------------------------------ adapter bookkeeping
     def adapted_tensor_names(self, include_bias: bool = True) -> list[str]:
@@ -381,9 +382,29 @@ class SAMLayer(BaseTunerLayer):
             flat = flat.index_add(0, self._flat_index(tensor_name, a), values[a].to(seen.dtype))
         return flat.view_as(seen)
 
+    def settle_placeholders(self, adapter_name: str) -> None:
+        """Drop placeholder slots of an adapter whose other slots hold real indices.
+
+        A loader that fills placeholders in place (transformers' ``load_adapter``) leaves a slot untouched when the
+        file has no entries for it (e.g. a bias whose gradient is zero by construction was never selected); such a
+        slot has no entries, it is not waiting for a selection.
+        """
+        states = {}
+        for tensor_name, (idx_name, _) in TENSOR_SLOTS.items():
+            buffers = getattr(self, idx_name)
+            if adapter_name in buffers and buffers[adapter_name].numel() and not buffers[adapter_name].is_meta:
+                states[tensor_name] = bool((buffers[adapter_name] < 0).any())
+        if any(states.values()) and not all(states.values()):
+            for tensor_name, pending in states.items():
+                if pending:
+                    self.set_entries(adapter_name, tensor_name, torch.empty(0, dtype=torch.long))
+            self._sam_pending_cache = {k: v for k, v in self._sam_pending_cache.items() if k[0] != adapter_name}
+
     def _check_calibrated(self) -> None:
         for adapter in self.active_adapters:
             self.check_shapes(adapter)
+            if self.is_pending(adapter):
+                self.settle_placeholders(adapter)
         pending = [a for a in self.active_adapters if self.is_pending(a)]
         if not pending:
             return
@@ -580,12 +601,54 @@ class Functional(nn.Module, SAMLayer):
         return torch.func.functional_call(base, params, (x, *args), kwargs, strict=False)
 
 
+def refresh_layers(layers: list[SAMLayer]) -> None:
+    """:meth:`SAMLayer.refresh_base` for many layers at once: one ``_foreach_add`` for every ``W0 + Delta``.
+
+    A model-level forward calls it (``SAMModel.forward``), so a training step adds one kernel for the sums and one
+    ``index_put_`` per adapted tensor; tensors in any other state (first application, several adapters, a wrapper
+    shadowing the base) are left to each layer's own refresh in its forward.
+    """
+    pending, w0s, deltas = [], [], []
+    for layer in layers:
+        if layer.merged or layer.disable_adapters:
+            continue
+        for tensor_name in TENSOR_SLOTS:
+            live = layer._sam_live.get(tensor_name)
+            if live is None or len(live[1]) != 1:
+                continue
+            adapters = layer._ready_adapters(tensor_name)
+            param = layer._registered(tensor_name)
+            if adapters != live[1] or param is None:
+                continue
+            key = layer._values_key(tensor_name, adapters)
+            if live[0] == key and live[3] == param.data_ptr():
+                continue
+            (adapter,) = adapters
+            pending.append((layer, tensor_name, param, live, key))
+            w0s.append(getattr(layer, W0_SLOTS[tensor_name])[adapter])
+            value = getattr(layer, TENSOR_SLOTS[tensor_name][1])[adapter].detach()
+            deltas.append(value if value.dtype == param.dtype else value.to(param.dtype))
+    if not pending:
+        return
+    with torch.no_grad():
+        sums = torch._foreach_add(w0s, deltas)
+        for (layer, tensor_name, param, live, key), new in zip(pending, sums):
+            param.detach().view(-1).index_put_((live[2][live[1][0]],), new)
+            layer._sam_live[tensor_name] = (key, live[1], live[2], param.data_ptr())
+
+
 def _pristine_state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
     """State dicts hold the pre-trained base tensors, never W0 + Delta (which lives there only between forwards)."""
     for tensor_name in list(module._sam_live):
         key = f"{prefix}base_layer.{tensor_name}"
         if key in state_dict:
             state_dict[key] = module.pristine_tensor(tensor_name).detach()
+
+
+def _drop_unloaded_slots_hook(module: nn.Module, incompatible_keys: Any) -> None:
+    """After ``load_state_dict``: placeholder slots the file did not fill have no entries (see settle_placeholders)."""
+    for adapter in list(module.sam_candidates):
+        module.settle_placeholders(adapter)
 
 
 def _restore_before_load_hook(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:

@@ -8,7 +8,7 @@ from torch import nn
 
 from .._common import match_supported_module
 from .config import SAMConfig
-from .layer import TENSOR_SLOTS, SAMLayer, SAMNotCalibratedError, sam_layer_class_for
+from .layer import TENSOR_SLOTS, SAMLayer, SAMNotCalibratedError, refresh_layers, sam_layer_class_for
 
 
 class SAMModel(BaseTuner):
@@ -45,6 +45,11 @@ class SAMModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def forward(self, *args, **kwargs):
+        """The model's forward, after bringing every SAM layer's base tensors up to date in one batched pass."""
+        refresh_layers([m for m in self.model.modules() if isinstance(m, SAMLayer)])
+        return super().forward(*args, **kwargs)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
         """Inject the SAM layers; data-free selections (magnitude, random, bitfit) choose their entries here.
