@@ -95,6 +95,7 @@ class OpCounter(TorchDispatchMode):
         self.metadata: Counter[str] = Counter()
         self.host: Counter[str] = Counter()
         self.syncs: Counter[str] = Counter()
+        self.largest_new = 0  # most elements in one tensor an op allocated (in-place results and views excluded)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: D105
         kwargs = kwargs or {}
@@ -108,7 +109,10 @@ class OpCounter(TorchDispatchMode):
             self.kernels[str(func)] += 1
             if name in SYNC_OPS or (name == "index" and _bool_index(args)):
                 self.syncs[str(func)] += 1
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if not func.is_view and not name.endswith("_"):
+            self.largest_new = max([self.largest_new] + [t.numel() for t in _tensors(out)])
+        return out
 
     @property
     def num_kernels(self) -> int:
@@ -330,29 +334,36 @@ def count_inference(model, batch: dict) -> dict[str, Any]:
 
 
 def count_set_adapter(model, batch: dict) -> dict[str, Any]:
-    """Kernel ops of ``set_adapter`` to a second SAM adapter plus the next forward, and that forward's own ops."""
+    """``set_adapter`` between two SAM adapters (both used once before): kernel ops and the largest tensor an op
+    writes, beyond one plain forward; O(adapted tensors) ops, each over the entries only (no weight-sized work)."""
     import peft_sam
 
     config = copy.deepcopy(model.peft_config["default"])
     config.selection = "magnitude"
     model.add_adapter("other", config)
+    layers = [m for m in model.modules() if isinstance(m, peft_sam.SAMLayer)]
+    entries = sum(m.num_entries("other") for m in layers)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    entries = sum(m.num_entries("other") for m in model.modules() if isinstance(m, peft_sam.SAMLayer))
     model.eval()
     with torch.no_grad():
-        model(**inputs)
-        ops = OpCounter()
-        with ops:
+        for name in ("other", "default"):  # index caches of both adapters exist
+            model.set_adapter(name)
+            model(**inputs)
+        switch = OpCounter()
+        with switch:
             model.set_adapter("other")
-            model(**inputs)
-        plain = OpCounter()
-        with plain:
-            model(**inputs)
+            for layer in layers:
+                layer.refresh_base()  # what the next forward does first
     model.set_adapter("default")
     model.delete_adapter("other")
     model.train()
-    switch_ops = ops.num_kernels - plain.num_kernels
-    return {"set_adapter_kernel_ops": switch_ops, "set_adapter_entries": entries}
+    return {
+        "set_adapter_kernel_ops": switch.num_kernels,
+        "set_adapter_largest_tensor": switch.largest_new,
+        "largest_adapted_tensor": max(m.base_tensor("weight").numel() for m in layers),
+        "set_adapter_entries": entries,
+        "set_adapter_tensors": sum(len(m._ready_adapters("weight")) + len(m._ready_adapters("bias")) for m in layers),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -401,9 +412,11 @@ def render(rows: list[dict[str, Any]]) -> str:
         sam = mrows.get("sam")
         if sam and sam.get("set_adapter_kernel_ops") is not None:
             out.append(
-                f"\n`set_adapter` between two SAM adapters ({sam['set_adapter_entries']:,} entries each): "
-                f"{sam['set_adapter_kernel_ops']} kernel ops beyond a plain forward (O(adapted tensors), each over "
-                "the entries only; no weight-sized work).\n"
+                f"\n`set_adapter` between two SAM adapters ({sam['set_adapter_entries']:,} entries each, "
+                f"{sam['set_adapter_tensors']} adapted tensors): {sam['set_adapter_kernel_ops']} kernel ops "
+                "(restore, back up and write the entries of each tensor); the largest tensor any of them allocates has "
+                f"{sam['set_adapter_largest_tensor']:,} elements, against {sam['largest_adapted_tensor']:,} in the "
+                "largest adapted weight: O(entries) work.\n"
             )
     return "\n".join(out) + "\n"
 
