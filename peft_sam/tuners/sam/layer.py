@@ -135,8 +135,8 @@ class SAMLayer(BaseTunerLayer):
 
     def check_shapes(self, adapter_name: str) -> None:
         """Raise if the adapter was made for base tensors of other shapes (e.g. loaded onto another model)."""
-        if adapter_name not in self.sam_shapes:
-            return
+        if adapter_name not in self.sam_shapes or torch.compiler.is_compiling():
+            return  # compiled code: shapes were checked when the adapter was loaded or first used eagerly
         stored = self.sam_shapes[adapter_name]
         checked = self._sam_shapes_checked.get(adapter_name)
         if checked is not None and checked[0] is stored and checked[1] == stored._version:
@@ -214,8 +214,14 @@ class SAMLayer(BaseTunerLayer):
             if adapter_name not in buffers:
                 continue
             idx = buffers[adapter_name]
-            key = (idx, idx._version)
             cached = self._sam_pending_cache.get((adapter_name, idx_name))
+            if torch.compiler.is_compiling():  # version counters are not traceable: the eager answer stands
+                if cached is None:
+                    return _eager_is_pending(self, adapter_name)
+                if cached[1]:
+                    return True
+                continue
+            key = (idx, idx._version)
             if cached is None or cached[0][0] is not idx or cached[0][1] != idx._version:
                 cached = (key, bool(idx.numel()) and bool((idx < 0).any()))
                 self._sam_pending_cache[(adapter_name, idx_name)] = cached
@@ -251,6 +257,8 @@ class SAMLayer(BaseTunerLayer):
         idx = getattr(self, TENSOR_SLOTS[tensor_name][0])[adapter_name]
         key = (tensor_name, adapter_name)
         cached = self._sam_index_cache.get(key)
+        if torch.compiler.is_compiling() and cached is not None and cached[0] is idx:
+            return cached[2]
         if cached is None or cached[0] is not idx or cached[1] != idx._version:
             cached = (idx, idx._version, idx.long(), {})
             self._sam_index_cache[key] = cached
@@ -261,7 +269,7 @@ class SAMLayer(BaseTunerLayer):
         flat = self._flat_index(tensor_name, adapter_name)
         derived = self._sam_index_cache[(tensor_name, adapter_name)][3]
         if kind not in derived:
-            derived[kind] = build(flat)
+            derived[kind] = torch.compiler.disable(build)(flat)  # bincount/unique: built once, eagerly
         return derived[kind]
 
     # ------------------------------------------------------------------ the base tensors hold W0 + Delta
@@ -283,6 +291,9 @@ class SAMLayer(BaseTunerLayer):
         """
         if self.merged or self.disable_adapters:
             return
+        if torch.compiler.is_compiling():
+            self._refresh_traced()
+            return
         for tensor_name in TENSOR_SLOTS:
             adapters = self._ready_adapters(tensor_name)
             if not adapters:
@@ -297,6 +308,27 @@ class SAMLayer(BaseTunerLayer):
                 continue
             self._apply_tensor(tensor_name, param, adapters, live)
             self._sam_live[tensor_name] = (key, adapters, self._sam_live[tensor_name][2], param.data_ptr())
+
+    def _refresh_traced(self) -> None:
+        """The refresh inside compiled code: version counters cannot be traced, so the entries are written every
+        call (inductor turns the in-place write into a copy of the tensor); a state change runs eagerly."""
+        for tensor_name in TENSOR_SLOTS:
+            adapters = self._ready_adapters(tensor_name)
+            live = self._sam_live.get(tensor_name)
+            param = self._registered(tensor_name)
+            if param is None:
+                continue
+            if not adapters or live is None or live[1] != adapters:
+                _eager_refresh(self)
+                return
+            w0_store = getattr(self, W0_SLOTS[tensor_name])
+            values = getattr(self, TENSOR_SLOTS[tensor_name][1])
+            with torch.no_grad():
+                target = param.detach().view(-1)
+                for a in adapters:
+                    target.index_put_((live[2][a],), w0_store[a])
+                for a in adapters:
+                    target.index_add_(0, live[2][a], values[a].detach().to(target.dtype))
 
     @torch.no_grad()
     def _apply_tensor(self, tensor_name: str, param: torch.Tensor, adapters: tuple[str, ...], live) -> None:
@@ -601,6 +633,17 @@ class Functional(nn.Module, SAMLayer):
         return torch.func.functional_call(base, params, (x, *args), kwargs, strict=False)
 
 
+@torch.compiler.disable
+def _eager_refresh(layer: SAMLayer) -> None:
+    layer.refresh_base()
+
+
+@torch.compiler.disable
+def _eager_is_pending(layer: SAMLayer, adapter_name: str) -> bool:
+    return layer.is_pending(adapter_name)
+
+
+@torch.compiler.disable
 def refresh_layers(layers: list[SAMLayer]) -> None:
     """:meth:`SAMLayer.refresh_base` for many layers at once: one ``_foreach_add`` for every ``W0 + Delta``.
 
