@@ -112,6 +112,35 @@ def model_label(model: str | None) -> str:
     return str(model)
 
 
+# a randomly initialised model of bert-base's size (12 x 768, FFN 3072) with MiniLM's vocabulary and tokenizer:
+# the compute-bound regime without a download
+BERT_BASE_RANDOM = "bert-base-random"
+
+
+def tokenizer_source(model: str) -> str:
+    """Where the tokenizer of ``model`` (a path, a hub id or :data:`BERT_BASE_RANDOM`) comes from."""
+    if model == BERT_BASE_RANDOM:
+        from peft_sam.tasks.training import default_model_path
+
+        return default_model_path()
+    return model
+
+
+def load_classifier(model: str, num_labels: int = 2):
+    """A sequence classifier with a seeded head (the same head for every method): ``model`` or a random bert-base."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    if model == BERT_BASE_RANDOM:
+        config = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                            intermediate_size=3072, num_labels=num_labels)  # fmt: skip
+        return BertForSequenceClassification(config)
+    return AutoModelForSequenceClassification.from_pretrained(
+        model, num_labels=num_labels, ignore_mismatched_sizes=True
+    )
+
+
 # ------------------------------------------------------------------------------------------------- statistics
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")

@@ -41,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS_DIR, md_table  # noqa: E402
+from common import BERT_BASE_RANDOM, RESULTS_DIR, load_classifier, md_table, tokenizer_source  # noqa: E402
 
 aten = torch.ops.aten
 
@@ -213,7 +213,7 @@ def load_batches(model_path: str, num: int, batch_size: int, max_length: int) ->
 
     from peft_sam.tasks import load_task, tokenize_task
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(model_path))
     train = load_task("rte")["train"].shuffle(seed=0).select(range(num * batch_size))
     data = tokenize_task(datasets.DatasetDict({"train": train}), tokenizer, "rte", max_length=max_length)["train"]
     out = []
@@ -226,17 +226,6 @@ def load_batches(model_path: str, num: int, batch_size: int, max_length: int) ->
         enc["labels"] = torch.tensor(rows["labels"])
         out.append(dict(enc))
     return out
-
-
-def load_base(model: str, model_path: str):
-    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    if model == "minilm":
-        return AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
-    cfg = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                     intermediate_size=3072, num_labels=2)  # fmt: skip
-    return BertForSequenceClassification(cfg)
 
 
 def build(method: str, base, batches: list[dict], p: float, calib_batches: int):
@@ -366,6 +355,24 @@ def count_set_adapter(model, batch: dict) -> dict[str, Any]:
     }
 
 
+def sync_check(step, batch: dict) -> str:
+    """One training step under ``torch.cuda.set_sync_debug_mode("error")`` (CUDA only).
+
+    The batch goes without its attention mask: transformers' mask preparation itself syncs (``padding_mask.all()``
+    in ``masking_utils``), for every method alike; what is left is the method's own work.
+    """
+    inputs = {k: v for k, v in batch.items() if k != "attention_mask"}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(inputs)
+        return "no host sync"
+    except RuntimeError as err:
+        return f"synced: {str(err).splitlines()[0]}"
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 # ---------------------------------------------------------------------------------------------------- report
 def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
@@ -431,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="override the per-model batch size")
     parser.add_argument("--max-length", type=int, default=None)
     parser.add_argument("--out", default=str(RESULTS_DIR / "cost"), help="output prefix (.jsonl, .md)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the counts are the same; cuda adds a sync check)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model_path = args.model_path
@@ -443,8 +451,10 @@ def main(argv: list[str] | None = None) -> int:
         shape = dict(MODELS[model_name])
         shape["batch_size"] = args.batch_size or shape["batch_size"]
         shape["max_length"] = args.max_length or shape["max_length"]
-        batches = load_batches(model_path, max(1, args.calib_batches), shape["batch_size"], shape["max_length"])
-        base = load_base(model_name, model_path)
+        source = BERT_BASE_RANDOM if model_name == "bert-base" else model_path
+        batches = load_batches(source, max(1, args.calib_batches), shape["batch_size"], shape["max_length"])
+        batches = [{k: v.to(args.device) for k, v in b.items()} for b in batches]
+        base = load_classifier(source).to(args.device)
         for method in args.methods.split(","):
             model, optimizer, step = build(method, copy.deepcopy(base), batches, args.p, args.calib_batches)
             row = {"model": model_name, "method": method, **shape, "p": args.p, "torch": torch.__version__}
@@ -454,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
                 row.update(count_inference(model, batches[0]))
             if method == "sam":
                 row.update(count_set_adapter(model, batches[0]))
+            if args.device.startswith("cuda"):
+                row["sync_check"] = sync_check(step, batches[0])
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k not in ("top_kernel_ops",)}), flush=True)
             del model, optimizer, step

@@ -38,10 +38,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    BERT_BASE_RANDOM,
     RESULTS_DIR,
     MemoryMeter,
     append_jsonl,
     fmt,
+    load_classifier,
     machine_info,
     machine_line,
     md_table,
@@ -50,6 +52,7 @@ from common import (  # noqa: E402
     model_label,
     quantile,
     return_freed_memory_to_os,
+    tokenizer_source,
 )
 
 TASK = "rte"
@@ -74,7 +77,7 @@ def load_batches(model_path: str, num_batches: int, batch_size: int, max_length:
 
     from peft_sam.tasks import get_collator, load_task, tokenize_task
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(model_path))
     train = load_task(TASK, data_dir)["train"]
     rows = train.shuffle(seed=0).select(range(min(len(train), num_batches * batch_size)))
     data = tokenize_task(datasets.DatasetDict({"train": rows}), tokenizer, TASK, max_length=max_length)["train"]
@@ -85,11 +88,7 @@ def load_batches(model_path: str, num_batches: int, batch_size: int, max_length:
 
 
 def load_base(model_path: str):
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    torch.manual_seed(0)  # same task head for every method
-    return AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2, ignore_mismatched_sizes=True)
+    return load_classifier(model_path, num_labels=2)  # same task head for every method
 
 
 def to_device(batches: list[dict], device: str) -> list[dict]:
@@ -471,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", help=f"comma-separated (default: all of {list(METHODS)})")
-    parser.add_argument("--model", help="default: the packaged MiniLM")
+    parser.add_argument("--model", help=f"default: the packaged MiniLM; {BERT_BASE_RANDOM!r}: a random bert-base size")
     parser.add_argument("--data-dir")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     parser.add_argument("--num-batches", type=int, default=4, help="distinct batches per round")

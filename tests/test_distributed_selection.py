@@ -29,10 +29,11 @@ def _select(batches, method):
         if isinstance(getattr(m, "dropout_prob", None), float):  # transformers 4.x SDPA attention reads this float
             m.dropout_prob = 0.0
     peft_sam.select_parameters(model, batches, show_progress=False)
-    return {
-        f"{c.name}.{c.tensor_name}": c.layer.entries("default", c.tensor_name)[0]
-        for c in find_candidates(model, "default")
-    }
+    chosen = {}
+    for c in find_candidates(model, "default"):
+        found = c.layer.entries("default", c.tensor_name)  # None: no entry (e.g. the key bias, zero gradient)
+        chosen[f"{c.name}.{c.tensor_name}"] = torch.empty(0, dtype=torch.long) if found is None else found[0]
+    return chosen
 
 
 def _worker(rank, world, port, out_dir, method):

@@ -185,3 +185,23 @@ def test_a_training_step_adds_no_host_sync():
             model(**batch).loss.backward()
         found[kind] = sorted(syncs.found)  # (AdamW's own .item()s on its CPU step counters are not counted)
     assert found["sam"] == found["full"]
+
+
+def test_bf16_autocast_and_a_bf16_model_train_with_the_sampled_gradients():
+    batch = make_batches(seed=4)[0]
+    grads = {}
+    for mode in ("fp32", "autocast", "bf16"):
+        model = get_peft_model(tiny_bert(0), SAMConfig(p=0.05, selection="magnitude", init_weights=False,
+                                                       task_type="SEQ_CLS"))  # fmt: skip
+        if mode == "bf16":
+            model = model.to(torch.bfloat16)
+        model.eval()
+        layer = model.base_model.model.bert.encoder.layer[1].intermediate.dense
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            model(**batch).loss.backward()
+        grads[mode] = layer.sam_values["default"].grad.float()
+        assert layer.sam_values["default"].grad.dtype == layer.sam_values["default"].dtype
+        assert torch.isfinite(grads[mode]).all() and grads[mode].abs().sum() > 0
+    for mode in ("autocast", "bf16"):  # bfloat16 keeps ~3 digits
+        cosine = torch.nn.functional.cosine_similarity(grads[mode], grads["fp32"], dim=0)
+        assert cosine > 0.98, (mode, float(cosine))

@@ -58,9 +58,9 @@ class EntryPattern:
 
 def sampled_matmul(pattern: EntryPattern, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``(a @ b).view(-1)[pattern.flat]`` for a [rows, n] and b [n, cols], without forming ``a @ b``."""
-    out_dtype = a.dtype
-    if a.dtype not in _SDDMM_DTYPES:
-        a, b = a.float(), b.float()
+    out_dtype = torch.promote_types(a.dtype, b.dtype)
+    dtype = out_dtype if out_dtype in _SDDMM_DTYPES else torch.float32
+    a, b = a.to(dtype), b.to(dtype)
     if torch.compiler.is_compiling():  # inductor has no sparse CSR kernels: the dense product, then a gather
         return (a @ b).reshape(-1)[pattern.flat].to(out_dtype)
     result = torch.sparse.sampled_addmm(pattern.template(a.dtype), a, b, beta=0.0).values()
