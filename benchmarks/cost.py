@@ -438,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="override the per-model batch size")
     parser.add_argument("--max-length", type=int, default=None)
     parser.add_argument("--out", default=str(RESULTS_DIR / "cost"), help="output prefix (.jsonl, .md)")
+    parser.add_argument("--update", action="store_true", help="replace only these rows in an existing .jsonl")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the counts are the same; cuda adds a sync check)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -471,6 +472,13 @@ def main(argv: list[str] | None = None) -> int:
             del model, optimizer, step
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.update and out.with_suffix(".jsonl").exists():
+        fresh = {(r["model"], r["method"]) for r in rows}
+        kept = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines() if line.strip()]
+        rows = [r for r in kept if (r["model"], r["method"]) not in fresh] + rows
+        order = {m: i for i, m in enumerate(METHODS)}
+        models = list(dict.fromkeys(r["model"] for r in kept + rows))
+        rows.sort(key=lambda r: (models.index(r["model"]), order.get(r["method"], len(order))))
     out.with_suffix(".jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out.with_suffix(".md").write_text(render(rows))
     print(f"wrote {out.with_suffix('.jsonl')} and {out.with_suffix('.md')}")

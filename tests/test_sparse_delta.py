@@ -112,7 +112,7 @@ def test_no_weight_gradient_gemm_runs_when_the_base_is_frozen():
     with Ops() as ops:
         y.sum().backward()
     assert ops.names.count("mm.default") == 1  # grad_x only; the entries come from the sampled product
-    assert ops.names.count("sparse_sampled_addmm.default") == 2  # weight entries, bias entries
+    assert ops.names.count("sparse_sampled_addmm.default") == 1  # weight entries (bias: a few column sums)
     assert w.grad is None and v.grad.shape == v.shape
 
 

@@ -67,22 +67,6 @@ def sampled_matmul(pattern: EntryPattern, a: torch.Tensor, b: torch.Tensor) -> t
     return result if result.dtype == out_dtype else result.to(out_dtype)
 
 
-_ONES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-
-def _ones_row(n: int, like: torch.Tensor) -> torch.Tensor:
-    """A [1, n] row of ones (a cached buffer's view, so the bias gradient needs no fill kernel per step)."""
-    dtype = like.dtype if like.dtype in _SDDMM_DTYPES else torch.float32
-    if torch.compiler.is_compiling():
-        return like.new_ones((1, n), dtype=dtype)
-    key = (like.device, dtype)
-    buf = _ONES.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.ones(max(n, 4096), dtype=dtype, device=like.device)
-        _ONES[key] = buf
-    return buf[:n].view(1, n)
-
-
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
@@ -94,8 +78,8 @@ class SampledLinear(torch.autograd.Function):
     """``F.linear(x, W, b)`` (W as stored; transposed for ``Conv1D``) whose backward gives the entries' gradients.
 
     ``plan`` is ``(weight_patterns, bias_patterns, conv1d)``: one :class:`EntryPattern` per adapter for the
-    weight (over the stored [rows, cols] layout) and for the bias (over [1, out]); ``values`` are the matching
-    value tensors, weight adapters first. Their forward contribution is already inside ``weight``/``bias``.
+    weight (over the stored [rows, cols] layout) and for the bias (its ``flat`` indices are used); ``values`` are the
+    matching value tensors, weight adapters first. Their forward contribution is already inside ``weight``/``bias``.
     """
 
     @staticmethod
@@ -143,8 +127,8 @@ class SampledLinear(torch.autograd.Function):
                 grads.append(None)
             elif grad_b is not None:
                 grads.append(grad_b[pattern.flat])
-            else:  # (1^T gy) at the entries
-                grads.append(sampled_matmul(pattern, _ones_row(gy2.shape[0], gy2), gy2))
+            else:  # column sums of gy at the entries: a few strided columns (no transposed copy of gy)
+                grads.append(gy2.index_select(1, pattern.flat).sum(0))
         return grad_x, grad_w, grad_b, None, *grads
 
 
