@@ -205,3 +205,12 @@ def test_bf16_autocast_and_a_bf16_model_train_with_the_sampled_gradients():
     for mode in ("autocast", "bf16"):  # bfloat16 keeps ~3 digits
         cosine = torch.nn.functional.cosine_similarity(grads[mode], grads["fp32"], dim=0)
         assert cosine > 0.98, (mode, float(cosine))
+
+
+def test_creating_a_default_sam_model_prints_no_warning():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        get_peft_model(tiny_bert(0), SAMConfig(task_type="SEQ_CLS"))  # norm layers and embeddings included
+    assert not [str(w.message) for w in caught if "Unsupported layer type" in str(w.message)]

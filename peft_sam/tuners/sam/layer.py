@@ -81,7 +81,7 @@ class SAMLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
-        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
+        self.in_features, self.out_features = in_out_features(self.get_base_layer())
         # state dicts always show the pre-trained base tensors; loading into this layer restores them first
         self.register_state_dict_post_hook(_pristine_state_dict_hook)
         self.register_load_state_dict_pre_hook(_restore_before_load_hook)
@@ -698,6 +698,18 @@ def _restore_before_load_hook(module: nn.Module, state_dict: dict, prefix: str, 
     """Loading anything into a SAM layer (base tensors, indices, values) starts from W0."""
     if module._sam_live and any(key.startswith(prefix) for key in state_dict):
         module.restore_base()
+
+
+def in_out_features(module: nn.Module) -> tuple[int | None, int | None]:
+    """(in, out) features of a module SAM adapts: PEFT's answer for Linear/Conv1D/conv layers, the table size for
+    an embedding, the feature size for a norm layer (PEFT would warn "unsupported layer type" for the latter two)."""
+    if isinstance(module, (nn.Linear, Conv1D, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return _get_in_out_features(module)
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    weight = getattr(module, "weight", None)
+    size = int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() else None
+    return size, size
 
 
 def is_norm_like(module: nn.Module) -> bool:
