@@ -101,15 +101,15 @@ class OpCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         name = op_name(func)
         tensors = list(_tensors(args)) + list(_tensors(kwargs))
+        out = func(*args, **kwargs)
         if tensors and all(id(t) in self.host_ids for t in tensors):
             self.host[str(func)] += 1
-        elif func.is_view or name in METADATA_OPS:
-            self.metadata[str(func)] += 1
+        elif func.is_view or name in METADATA_OPS or not (tensors or list(_tensors(out))):
+            self.metadata[str(func)] += 1  # (no tensor in or out: a dtype computation such as promote_types)
         else:
             self.kernels[str(func)] += 1
             if name in SYNC_OPS or (name == "index" and _bool_index(args)):
                 self.syncs[str(func)] += 1
-        out = func(*args, **kwargs)
         if not func.is_view and not name.endswith("_"):
             self.largest_new = max([self.largest_new] + [t.numel() for t in _tensors(out)])
         return out

@@ -34,6 +34,7 @@ def test_kernels_metadata_host_ops_and_syncs_are_told_apart():
         n = int((d > 0).sum())  # gt, sum, item: 3 kernels, 1 sync
         picked = d[d > 0]  # gt + boolean index: 2 kernels, 1 sync
         torch.nonzero(d)  # 1 kernel, 1 sync
+        torch.promote_types(torch.float32, torch.bfloat16)  # no tensor: metadata
     assert picked.numel() == n
     assert ops.num_kernels == 8, ops.kernels
     assert ops.num_syncs == 3, ops.syncs

@@ -214,3 +214,40 @@ def test_creating_a_default_sam_model_prints_no_warning():
         warnings.simplefilter("always")
         get_peft_model(tiny_bert(0), SAMConfig(task_type="SEQ_CLS"))  # norm layers and embeddings included
     assert not [str(w.message) for w in caught if "Unsupported layer type" in str(w.message)]
+
+
+def test_tied_input_and_output_embeddings_stay_w0_and_train_consistently():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0)
+    base = GPT2LMHeadModel(config)
+    w0 = base.transformer.wte.weight.detach().clone()
+    assert base.lm_head.weight is base.transformer.wte.weight
+    model = get_peft_model(base, SAMConfig(p=0.1, selection="random", init_weights=False, task_type="CAUSAL_LM"))
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    first, second = _logits_lm(model, ids), _logits_lm(model, ids)
+    assert torch.equal(first, second)  # the shared tensor is never written: forwards repeat exactly
+    assert torch.equal(model.base_model.model.transformer.wte.base_layer.weight, w0)
+    # (each of the two layers holds its own delta on the tied tensor; one delta per tied tensor, so that merging is
+    # exact too, is issue 18's)
+    with model.disable_adapter():
+        torch.testing.assert_close(_logits_lm(model, ids), _logits_lm(_plain_gpt2(config), ids), atol=0, rtol=0)
+
+
+def _logits_lm(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _plain_gpt2(config):
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(config).eval()

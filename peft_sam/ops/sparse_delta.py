@@ -58,7 +58,7 @@ class EntryPattern:
 
 def sampled_matmul(pattern: EntryPattern, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``(a @ b).view(-1)[pattern.flat]`` for a [rows, n] and b [n, cols], without forming ``a @ b``."""
-    out_dtype = torch.promote_types(a.dtype, b.dtype)
+    out_dtype = a.dtype if a.dtype == b.dtype else torch.float32
     dtype = out_dtype if out_dtype in _SDDMM_DTYPES else torch.float32
     a, b = a.to(dtype), b.to(dtype)
     if torch.compiler.is_compiling():  # inductor has no sparse CSR kernels: the dense product, then a gather

@@ -68,6 +68,8 @@ class SAMLayer(BaseTunerLayer):
         self.sam_bias_w0 = BufferDict({}, persistent=False)
         # tensor name -> (values key, adapters, {adapter: flat indices}, base data_ptr) of what the base holds now
         self._sam_live: dict[str, tuple] = {}
+        # base tensors another SAM layer adapts as well (tied embeddings): never written, W0 + Delta built per forward
+        self._sam_shared: set[str] = set()
         # adapter name -> base tensors ("weight", "bias") a selection may choose entries in
         self.sam_candidates: dict[str, list[str]] = {}
         # (adapter, buffer name) -> ((buffer, version), pending?): is_pending without a sync per forward
@@ -300,8 +302,8 @@ class SAMLayer(BaseTunerLayer):
                 self._restore_tensor(tensor_name)
                 continue
             param = self._registered(tensor_name)
-            if param is None:
-                continue  # shadowed: the forward checks whether what it sees is current
+            if param is None or tensor_name in self._sam_shared:
+                continue  # shadowed or tied: the forward builds W0 + Delta itself
             key = self._values_key(tensor_name, adapters)
             live = self._sam_live.get(tensor_name)
             if live is not None and live[0] == key and live[3] == param.data_ptr():
@@ -316,7 +318,7 @@ class SAMLayer(BaseTunerLayer):
             adapters = self._ready_adapters(tensor_name)
             live = self._sam_live.get(tensor_name)
             param = self._registered(tensor_name)
-            if param is None:
+            if param is None or tensor_name in self._sam_shared:
                 continue
             if not adapters or live is None or live[1] != adapters:
                 _eager_refresh(self)
@@ -521,7 +523,8 @@ class SAMLayer(BaseTunerLayer):
         tensors = {}  # what the forward runs on: the base tensors, or W0 + Delta built for a shadowing wrapper
         for tensor_name, names in adapters.items():
             if names:
-                current = self._registered(tensor_name) is not None or self._seen_is_current(tensor_name, names)
+                in_place = self._registered(tensor_name) is not None and tensor_name not in self._sam_shared
+                current = in_place or self._seen_is_current(tensor_name, names)
                 tensors[tensor_name] = None if current else self._out_of_place(tensor_name, names)
         return self._sam_forward(x, adapters, tensors, *args, **kwargs)
 
@@ -644,6 +647,20 @@ def _eager_is_pending(layer: SAMLayer, adapter_name: str) -> bool:
 
 
 @torch.compiler.disable
+def mark_shared_tensors(layers: list[SAMLayer]) -> None:
+    """Find base tensors adapted by more than one SAM layer (tied input/output embeddings) and mark them: such a
+    tensor is never written, each layer builds its own ``W0 + Delta`` out of place (the tensor stays ``W0``)."""
+    owners: dict[int, list[tuple[SAMLayer, str]]] = {}
+    for layer in layers:
+        for tensor_name in layer.adapted_tensor_names():
+            owners.setdefault(id(layer.base_tensor(tensor_name)), []).append((layer, tensor_name))
+    for group in owners.values():
+        for layer, tensor_name in group:
+            if len(group) > 1 and tensor_name not in layer._sam_shared:
+                layer.restore_base()
+                layer._sam_shared.add(tensor_name)
+
+
 def refresh_layers(layers: list[SAMLayer]) -> None:
     """:meth:`SAMLayer.refresh_base` for many layers at once: one ``_foreach_add`` for every ``W0 + Delta``.
 
@@ -661,7 +678,7 @@ def refresh_layers(layers: list[SAMLayer]) -> None:
                 continue
             adapters = layer._ready_adapters(tensor_name)
             param = layer._registered(tensor_name)
-            if adapters != live[1] or param is None:
+            if adapters != live[1] or param is None or tensor_name in layer._sam_shared:
                 continue
             key = layer._values_key(tensor_name, adapters)
             if live[0] == key and live[3] == param.data_ptr():

@@ -8,7 +8,14 @@ from torch import nn
 
 from .._common import match_supported_module
 from .config import SAMConfig
-from .layer import TENSOR_SLOTS, SAMLayer, SAMNotCalibratedError, refresh_layers, sam_layer_class_for
+from .layer import (
+    TENSOR_SLOTS,
+    SAMLayer,
+    SAMNotCalibratedError,
+    mark_shared_tensors,
+    refresh_layers,
+    sam_layer_class_for,
+)
 
 
 class SAMModel(BaseTuner):
@@ -58,6 +65,7 @@ class SAMModel(BaseTuner):
         come from the file.
         """
         super().inject_adapter(model, adapter_name, **kwargs)
+        mark_shared_tensors([m for m in model.modules() if isinstance(m, SAMLayer)])
         config = self.peft_config[adapter_name]
         if not config.needs_calibration and not kwargs.get("low_cpu_mem_usage", False):
             from ...selection import select_data_free
