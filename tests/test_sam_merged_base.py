@@ -216,29 +216,43 @@ def test_creating_a_default_sam_model_prints_no_warning():
     assert not [str(w.message) for w in caught if "Unsupported layer type" in str(w.message)]
 
 
-def test_tied_input_and_output_embeddings_stay_w0_and_train_consistently():
+def test_tied_input_and_output_embeddings_have_one_delta_with_the_gradient_of_both_uses(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(0)
     config = GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
     base = GPT2LMHeadModel(config)
-    w0 = base.transformer.wte.weight.detach().clone()
     assert base.lm_head.weight is base.transformer.wte.weight
     model = get_peft_model(base, SAMConfig(p=0.1, selection="random", init_weights=False, task_type="CAUSAL_LM"))
+    wte = model.base_model.model.transformer.wte
+    head = model.base_model.model.lm_head
+    assert wte.entries("default", "weight") is not None and head.entries("default", "weight") is None  # one delta
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
     for _ in range(2):
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad()
     model.eval()
-    first, second = _logits_lm(model, ids), _logits_lm(model, ids)
-    assert torch.equal(first, second)  # the shared tensor is never written: forwards repeat exactly
-    assert torch.equal(model.base_model.model.transformer.wte.base_layer.weight, w0)
-    # (each of the two layers holds its own delta on the tied tensor; one delta per tied tensor, so that merging is
-    # exact too, is issue 18's)
+    model(input_ids=ids, labels=ids).loss.backward()  # the entries' gradient: both uses of the tied tensor
+    got = wte.sam_values["default"].grad.clone()
+    reference = copy.deepcopy(model).merge_and_unload()
+    for prm in reference.parameters():
+        prm.requires_grad_(True)
+    reference(input_ids=ids, labels=ids).loss.backward()
+    idx = wte.entries("default", "weight")[0]
+    torch.testing.assert_close(got, reference.transformer.wte.weight.grad.reshape(-1)[idx], atol=1e-6, rtol=1e-4)
+    first = _logits_lm(model, ids)
+    assert torch.equal(first, _logits_lm(model, ids))
+    torch.testing.assert_close(_logits_lm(reference, ids), first, atol=1e-5, rtol=0)  # merging is exact
     with model.disable_adapter():
         torch.testing.assert_close(_logits_lm(model, ids), _logits_lm(_plain_gpt2(config), ids), atol=0, rtol=0)
+    model.save_pretrained(tmp_path)
+    from peft import PeftModel
+
+    loaded = PeftModel.from_pretrained(_plain_gpt2(config), tmp_path).eval()
+    assert torch.equal(_logits_lm(loaded, ids), first)
 
 
 def _logits_lm(model, ids):

@@ -68,8 +68,9 @@ class SAMLayer(BaseTunerLayer):
         self.sam_bias_w0 = BufferDict({}, persistent=False)
         # tensor name -> (values key, adapters, {adapter: flat indices}, base data_ptr) of what the base holds now
         self._sam_live: dict[str, tuple] = {}
-        # base tensors another SAM layer adapts as well (tied embeddings): never written, W0 + Delta built per forward
-        self._sam_shared: set[str] = set()
+        # tensor name -> the SAM layer whose adapter entries this base tensor uses (tied input/output embeddings:
+        # one delta per tensor, owned by the first layer; this layer adds its gradient to the owner's values)
+        self._sam_tied: dict[str, SAMLayer] = {}
         # adapter name -> base tensors ("weight", "bias") a selection may choose entries in
         self.sam_candidates: dict[str, list[str]] = {}
         # (adapter, buffer name) -> ((buffer, version), pending?): is_pending without a sync per forward
@@ -302,8 +303,8 @@ class SAMLayer(BaseTunerLayer):
                 self._restore_tensor(tensor_name)
                 continue
             param = self._registered(tensor_name)
-            if param is None or tensor_name in self._sam_shared:
-                continue  # shadowed or tied: the forward builds W0 + Delta itself
+            if param is None:
+                continue  # shadowed: the forward checks whether what it sees is current
             key = self._values_key(tensor_name, adapters)
             live = self._sam_live.get(tensor_name)
             if live is not None and live[0] == key and live[3] == param.data_ptr():
@@ -318,7 +319,7 @@ class SAMLayer(BaseTunerLayer):
             adapters = self._ready_adapters(tensor_name)
             live = self._sam_live.get(tensor_name)
             param = self._registered(tensor_name)
-            if param is None or tensor_name in self._sam_shared:
+            if param is None:
                 continue
             if not adapters or live is None or live[1] != adapters:
                 _eager_refresh(self)
@@ -517,19 +518,25 @@ class SAMLayer(BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         self._check_calibrated()
         self.refresh_base()
-        adapters = {t: self._ready_adapters(t) for t in TENSOR_SLOTS}
+        for owner in self._sam_tied.values():
+            owner.refresh_base()
+        adapters = {t: self._source(t)._ready_adapters(t) for t in TENSOR_SLOTS}
         if not adapters["weight"] and not adapters["bias"]:
             return self.base_layer(x, *args, **kwargs)
         tensors = {}  # what the forward runs on: the base tensors, or W0 + Delta built for a shadowing wrapper
         for tensor_name, names in adapters.items():
             if names:
-                in_place = self._registered(tensor_name) is not None and tensor_name not in self._sam_shared
-                current = in_place or self._seen_is_current(tensor_name, names)
-                tensors[tensor_name] = None if current else self._out_of_place(tensor_name, names)
+                source = self._source(tensor_name)
+                current = self._registered(tensor_name) is not None or source._seen_is_current(tensor_name, names)
+                tensors[tensor_name] = None if current else source._out_of_place(tensor_name, names)
         return self._sam_forward(x, adapters, tensors, *args, **kwargs)
 
+    def _source(self, tensor_name: str) -> SAMLayer:
+        """The layer holding the entries of ``tensor_name``: this one, or the owner of a tied tensor."""
+        return self._sam_tied.get(tensor_name, self)
+
     def _values(self, tensor_name: str, adapters: tuple[str, ...]) -> list[torch.Tensor]:
-        values = getattr(self, TENSOR_SLOTS[tensor_name][1])
+        values = getattr(self._source(tensor_name), TENSOR_SLOTS[tensor_name][1])
         return [values[a] for a in adapters]
 
     def _tapped(self, tensor_name: str, adapters: tuple[str, ...], tensors: dict) -> torch.Tensor | None:
@@ -539,7 +546,7 @@ class SAMLayer(BaseTunerLayer):
         base = getattr(self.get_base_layer(), tensor_name, None)
         if not adapters or base is None:
             return base
-        flats = [self._flat_index(tensor_name, a) for a in adapters]
+        flats = [self._source(tensor_name)._flat_index(tensor_name, a) for a in adapters]
         return tap_entries(base, flats, self._values(tensor_name, adapters))
 
     def _sam_forward(self, x, adapters, tensors, *args, **kwargs) -> torch.Tensor:
@@ -572,11 +579,12 @@ class Linear(nn.Module, SAMLayer):
         x = self._cast_input_dtype(x, weight.dtype)
         rows, cols = weight.shape
         num_bias = 0 if bias is None else bias.numel()
+        w_source, b_source = self._source("weight"), self._source("bias")
         w_patterns = tuple(
-            self._derived("weight", a, "csr", lambda f: EntryPattern(f, rows, cols)) for a in adapters["weight"]
+            w_source._derived("weight", a, "csr", lambda f: EntryPattern(f, rows, cols)) for a in adapters["weight"]
         )
         b_patterns = tuple(
-            self._derived("bias", a, "csr", lambda f: EntryPattern(f, 1, num_bias)) for a in adapters["bias"]
+            b_source._derived("bias", a, "csr", lambda f: EntryPattern(f, 1, num_bias)) for a in adapters["bias"]
         )
         values = self._values("weight", adapters["weight"]) + self._values("bias", adapters["bias"])
         return SampledLinear.apply(x, weight, bias, (w_patterns, b_patterns, self.is_conv1d), *values)
@@ -601,7 +609,9 @@ class Embedding(nn.Module, SAMLayer):
             return torch.func.functional_call(base, {"weight": weight}, (x, *args), kwargs, strict=False)
         num_ids, dim = base.weight.shape
         tables = tuple(
-            self._derived("weight", a, "rows", lambda f: EmbeddingRows(f, num_ids, dim, base.padding_idx))
+            self._source("weight")._derived(
+                "weight", a, "rows", lambda f: EmbeddingRows(f, num_ids, dim, base.padding_idx)
+            )
             for a in adapters["weight"]
         )
         values = self._values("weight", adapters["weight"])
@@ -646,21 +656,28 @@ def _eager_is_pending(layer: SAMLayer, adapter_name: str) -> bool:
     return layer.is_pending(adapter_name)
 
 
-@torch.compiler.disable
-def mark_shared_tensors(layers: list[SAMLayer]) -> None:
-    """Find base tensors adapted by more than one SAM layer (tied input/output embeddings) and mark them: such a
-    tensor is never written, each layer builds its own ``W0 + Delta`` out of place (the tensor stays ``W0``)."""
-    owners: dict[int, list[tuple[SAMLayer, str]]] = {}
+def link_tied_tensors(layers: list[SAMLayer], adapter_name: str) -> None:
+    """One delta per base tensor: where several SAM layers adapt the same tensor (tied input/output embeddings,
+    shared layers), the first keeps ``adapter_name``'s entries and the others drop theirs and use the owner's (their
+    gradient adds to the owner's values; merging stays exact)."""
+    owners: dict[int, tuple[SAMLayer, str]] = {}
     for layer in layers:
         for tensor_name in layer.adapted_tensor_names():
-            owners.setdefault(id(layer.base_tensor(tensor_name)), []).append((layer, tensor_name))
-    for group in owners.values():
-        for layer, tensor_name in group:
-            if len(group) > 1 and tensor_name not in layer._sam_shared:
-                layer.restore_base()
-                layer._sam_shared.add(tensor_name)
+            key = id(layer.base_tensor(tensor_name))
+            if key not in owners:
+                owners[key] = (layer, tensor_name)
+                continue
+            owner, owner_tensor = owners[key]
+            if owner_tensor != tensor_name or owner is layer:
+                continue
+            layer.restore_base()
+            if tensor_name in layer.sam_candidates.get(adapter_name, []):
+                layer.sam_candidates[adapter_name].remove(tensor_name)
+            layer.set_entries(adapter_name, tensor_name, torch.empty(0, dtype=torch.long))
+            layer._sam_tied[tensor_name] = owner
 
 
+@torch.compiler.disable
 def refresh_layers(layers: list[SAMLayer]) -> None:
     """:meth:`SAMLayer.refresh_base` for many layers at once: one ``_foreach_add`` for every ``W0 + Delta``.
 
@@ -678,7 +695,7 @@ def refresh_layers(layers: list[SAMLayer]) -> None:
                 continue
             adapters = layer._ready_adapters(tensor_name)
             param = layer._registered(tensor_name)
-            if adapters != live[1] or param is None or tensor_name in layer._sam_shared:
+            if adapters != live[1] or param is None:
                 continue
             key = layer._values_key(tensor_name, adapters)
             if live[0] == key and live[3] == param.data_ptr():

@@ -12,7 +12,7 @@ from .layer import (
     TENSOR_SLOTS,
     SAMLayer,
     SAMNotCalibratedError,
-    mark_shared_tensors,
+    link_tied_tensors,
     refresh_layers,
     sam_layer_class_for,
 )
@@ -65,7 +65,7 @@ class SAMModel(BaseTuner):
         come from the file.
         """
         super().inject_adapter(model, adapter_name, **kwargs)
-        mark_shared_tensors([m for m in model.modules() if isinstance(m, SAMLayer)])
+        link_tied_tensors([m for m in model.modules() if isinstance(m, SAMLayer)], adapter_name)
         config = self.peft_config[adapter_name]
         if not config.needs_calibration and not kwargs.get("low_cpu_mem_usage", False):
             from ...selection import select_data_free
