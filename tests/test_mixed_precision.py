@@ -1,0 +1,55 @@
+"""A training step under bf16 autocast, in a bf16 model, and under fp16 autocast + GradScaler (clipping before the
+step), for SAM, MPO and CaliSr(LoRA): finite loss, the adapter's tensors move, nothing else does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_batches, tiny_bert
+from peft import LoraConfig, get_peft_model
+
+from peft_sam import CaliSrConfig, MPOConfig, SAMConfig
+
+
+def _config(kind: str):
+    if kind == "sam":
+        return SAMConfig(p=0.05, selection="magnitude", task_type="SEQ_CLS")
+    if kind == "mpo":
+        return MPOConfig(task_type="SEQ_CLS")
+    return CaliSrConfig(adapter=LoraConfig(r=2, target_modules=["query", "value"]), task_type="SEQ_CLS")
+
+
+@pytest.mark.parametrize("mode", ["bf16_autocast", "bf16_model", "fp16_autocast_scaler"])
+@pytest.mark.parametrize("kind", ["sam", "mpo", "calisr"])
+def test_a_mixed_precision_training_step(kind: str, mode: str) -> None:
+    model = get_peft_model(tiny_bert(0), _config(kind))
+    if mode == "bf16_model":
+        model = model.to(torch.bfloat16)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in model.state_dict().items() if n not in trainable}
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    batch = make_batches(seed=5)[0]
+    if mode == "fp16_autocast_scaler":
+        scaler = torch.amp.GradScaler("cpu")
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(**batch).loss
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        scaler.step(opt)
+        scaler.update()
+    else:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16_autocast"):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in params if p.grad is not None)
+    assert sum(not torch.equal(a, p.detach()) for a, p in zip(before, params)) > 0.5 * len(params)
+    after = model.state_dict()
+    for name, value in frozen.items():  # frozen tensors (as state dicts show them) are untouched
+        assert torch.equal(after[name], value), name
