@@ -1,4 +1,4 @@
-"""Helpers shared by the peft-sam tuners (target matching, adapter-config lookup)."""
+"""Helpers shared by the peft-sam tuners (target matching, adapter-config lookup, module replacement)."""
 
 from __future__ import annotations
 
@@ -52,3 +52,17 @@ def resolve_adapter_config(model: nn.Module, adapter_name: str | None, config_cl
             f"{how_to_create} or pass adapter_name=... ."
         )
     return adapter_name, config
+
+
+class UnloadKeepsModules:
+    """Mixin for a ``BaseTuner``: unloading puts the original module back as it is.
+
+    PEFT's ``_replace_module`` copies ``weight``/``bias`` from the replaced child onto the module that comes back; that
+    fails for a ``modules_to_save`` head without such attributes (e.g. ``RobertaClassificationHead``) and is a no-op for
+    our layers, whose unloaded module is the original one. Injection keeps PEFT's behaviour.
+    """
+
+    def _replace_module(self, parent, child_name, new_module, child):
+        if hasattr(new_module, "base_layer"):  # injecting a tuner layer
+            return super()._replace_module(parent, child_name, new_module, child)
+        setattr(parent, child_name, new_module)

@@ -14,7 +14,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .._common import resolve_adapter_config
+from .._common import UnloadKeepsModules, resolve_adapter_config
 from .config import CaliSrConfig
 from .layer import CaliSrLayer, Linear
 
@@ -101,7 +101,7 @@ def wrapped_inner_ids(model: nn.Module) -> set[int]:
     return {id(m.base_layer) for m in model.modules() if isinstance(m, CaliSrLayer)}
 
 
-class CaliSrModel(BaseTuner):
+class CaliSrModel(UnloadKeepsModules, BaseTuner):
     """Stable-rank calibrated switch from full to lightweight fine-tuning (CaliSr) around LoRA, SAM or MPO.
 
     Created through ``peft.get_peft_model(model, CaliSrConfig(adapter=...))`` once ``peft_sam`` is imported. The

@@ -10,14 +10,14 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 
-from .._common import match_supported_module
+from .._common import UnloadKeepsModules, match_supported_module
 from .config import MPOConfig
 from .layer import SUPPORTED_MODULES, Linear, MPOLayer, override_key_for, resolve_factors
 
 _UPCAST_DTYPES = (torch.float16, torch.bfloat16)
 
 
-class MPOModel(BaseTuner):
+class MPOModel(UnloadKeepsModules, BaseTuner):
     """Lightweight fine-tuning of the auxiliary tensors of an MPO decomposition of each weight (MPOP).
 
     Created through ``peft.get_peft_model(model, MPOConfig(...))`` once ``peft_sam`` is imported.

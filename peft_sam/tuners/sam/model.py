@@ -6,7 +6,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from .._common import match_supported_module
+from .._common import UnloadKeepsModules, match_supported_module
 from .config import SAMConfig
 from .layer import (
     TENSOR_SLOTS,
@@ -18,7 +18,7 @@ from .layer import (
 )
 
 
-class SAMModel(BaseTuner):
+class SAMModel(UnloadKeepsModules, BaseTuner):
     """Sparse fine-tuning of the entries with the largest gradient signal at the pre-trained point (SAM).
 
     Created through ``peft.get_peft_model(model, SAMConfig(...))`` once ``peft_sam`` is imported.
