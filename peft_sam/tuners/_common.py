@@ -23,6 +23,10 @@ def match_supported_module(
     """
     if peft_config.target_modules is not None:
         return check_target_module_exists(peft_config, key)
+    if any(key.endswith(name) for name in peft_config.modules_to_save or []):
+        # PEFT wraps every module whose name ends with a modules_to_save entry (DistilBERT's "pre_classifier" for
+        # "classifier"): such a module is trained in full, not adapted
+        return False
     probe = copy.copy(peft_config)
     probe.target_modules = ".*"
     result = check_target_module_exists(probe, key)

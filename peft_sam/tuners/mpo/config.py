@@ -48,7 +48,7 @@ class MPOConfig(PeftConfig):
         default=None,
         metadata={
             "help": "Module names or a regex to adapt, or 'all-linear'; None = every Linear/Conv1D layer of the "
-            "backbone, excluding modules_to_save (the task head)."
+            "backbone, excluding modules_to_save (the task head) and the output embedding layer."
         },
     )
     exclude_modules: list[str] | str | None = field(

@@ -31,8 +31,14 @@ class MPOModel(UnloadKeepsModules, BaseTuner):
         return peft_config  # target_modules=None means "every Linear/Conv1D", resolved per module below
 
     def _check_target_module_exists(self, peft_config: MPOConfig, key: str):
+        output = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         return match_supported_module(
-            self.model, peft_config, key, MPOLayer, lambda m: isinstance(m, SUPPORTED_MODULES)
+            self.model,
+            peft_config,
+            key,
+            MPOLayer,
+            # as PEFT's "all-linear": not the output embedding layer (often tied to the input embeddings)
+            lambda m: isinstance(m, SUPPORTED_MODULES) and m is not output,
         )
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
