@@ -53,3 +53,30 @@ def test_a_mixed_precision_training_step(kind: str, mode: str) -> None:
     after = model.state_dict()
     for name, value in frozen.items():  # frozen tensors (as state dicts show them) are untouched
         assert torch.equal(after[name], value), name
+
+
+@pytest.mark.parametrize("kind", ["sam", "mpo"])
+def test_fp32_adapter_on_a_bf16_model_trains_saves_and_merges(kind: str, tmp_path) -> None:
+    import copy
+
+    from peft import PeftModel
+
+    model = get_peft_model(tiny_bert(0).to(torch.bfloat16), _config(kind), autocast_adapter_dtype=True)
+    adapter = [p for n, p in model.named_parameters() if p.requires_grad and kind + "_" in n]
+    assert adapter and all(p.dtype == torch.float32 for p in adapter)  # PEFT's autocast_adapter_dtype
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = make_batches(seed=5)[0]
+    for _ in range(2):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_bert(0).to(torch.bfloat16), tmp_path).eval()
+    merged = copy.deepcopy(model).merge_and_unload()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, expected)
+        torch.testing.assert_close(merged(**batch).logits, expected, atol=2e-2, rtol=0)  # bf16 rounding of W0 + Δ
