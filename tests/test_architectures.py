@@ -1,7 +1,8 @@
 """The tuners on the models people fine-tune (tiny random configs, no download): SAM (gradient and magnitude
-selection), MPO and CaliSr(LoRA) x BERT, RoBERTa, DistilBERT, ALBERT (shared layers), ELECTRA, DeBERTa-v2, GPT-2
-(Conv1D), Llama (causal LM, tied embeddings), Qwen2, T5 (seq2seq, tied embeddings) and ViT: two training steps, then
-disable == base, save -> PeftModel.from_pretrained gives the same outputs, merge_and_unload == forward."""
+selection), MPO, CaliSr(LoRA), CaliSr(SAM) and CaliSr(MPO) x BERT, RoBERTa, DistilBERT, ALBERT (shared layers),
+ELECTRA, DeBERTa-v2, GPT-2 (Conv1D), Llama (causal LM, tied embeddings), Qwen2, T5 (seq2seq, tied embeddings) and
+ViT: two training steps, then disable == base, merge/unmerge == forward, a second adapter and back, delete, save ->
+PeftModel.from_pretrained gives the same outputs, merge_and_unload == forward."""
 
 from __future__ import annotations
 
@@ -66,17 +67,21 @@ def _batch(name: str) -> dict:
     return {"input_ids": ids, "labels": torch.tensor([0, 1])}
 
 
-def _config(tuner: str, task: str | None, name: str):
+def _config(tuner: str, task: str | None, name: str, seed: int = 0):
     head = ["classifier"] if name == "vit" else None  # no PEFT task type for image classification
     if tuner == "sam":
-        return peft_sam.SAMConfig(p=0.05, task_type=task, modules_to_save=head)
+        return peft_sam.SAMConfig(p=0.05, task_type=task, modules_to_save=head, seed=seed)
     if tuner == "sam_magnitude":
         return peft_sam.SAMConfig(p=0.05, selection="magnitude", init_weights=False, task_type=task,
-                                  modules_to_save=head)  # fmt: skip
+                                  modules_to_save=head, seed=seed)  # fmt: skip
     if tuner == "mpo":
-        return peft_sam.MPOConfig(init_weights=False, task_type=task, modules_to_save=head)
-    return peft_sam.CaliSrConfig(adapter=LoraConfig(r=2, target_modules="all-linear"), init_weights=False,
-                                 task_type=task, modules_to_save=head)  # fmt: skip
+        return peft_sam.MPOConfig(init_weights=False, task_type=task, modules_to_save=head, seed=seed)
+    inner = {
+        "calisr_lora": LoraConfig(r=2, target_modules="all-linear"),
+        "calisr_sam": peft_sam.SAMConfig(p=0.05, selection="magnitude"),
+        "calisr_mpo": peft_sam.MPOConfig(),
+    }[tuner]
+    return peft_sam.CaliSrConfig(adapter=inner, init_weights=False, task_type=task, modules_to_save=head, seed=seed)
 
 
 def _outputs(model, batch):
@@ -87,7 +92,7 @@ def _outputs(model, batch):
 ARCHITECTURES = [
     "bert", "roberta", "distilbert", "albert", "electra", "deberta-v2", "gpt2", "llama", "qwen2", "t5", "vit",
 ]  # fmt: skip
-TUNERS = ["sam", "sam_magnitude", "mpo", "calisr_lora"]
+TUNERS = ["sam", "sam_magnitude", "mpo", "calisr_lora", "calisr_sam", "calisr_mpo"]
 
 
 @pytest.mark.parametrize("tuner", TUNERS)
@@ -117,6 +122,25 @@ def test_train_disable_save_load_merge(name: str, tuner: str, tmp_path) -> None:
     base_outputs = _outputs(_model(name)[0].eval(), batch)
     torch.testing.assert_close(disabled, base_outputs, atol=1e-6, rtol=0)
     assert not torch.allclose(adapted, base_outputs, atol=1e-6)
+    model.merge_adapter()
+    torch.testing.assert_close(_outputs(model, batch), adapted, atol=1e-4, rtol=0)
+    model.unmerge_adapter()
+    torch.testing.assert_close(_outputs(model, batch), adapted, atol=1e-5, rtol=0)
+    second = _config(tuner, task, name, seed=3)
+    if tuner == "sam":
+        second.selection = "random"  # no calibration batches for the second one
+    model.add_adapter("other", second)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    heads = [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
+    assert not any(isinstance(m, BaseTunerLayer) for head in heads for m in head.modules())  # heads train in full
+    model.set_adapter("other")
+    assert not torch.allclose(_outputs(model, batch), adapted, atol=1e-6)
+    model.set_adapter("default")
+    torch.testing.assert_close(_outputs(model, batch), adapted, atol=1e-6, rtol=0)
+    model.delete_adapter("other")
+    torch.testing.assert_close(_outputs(model, batch), adapted, atol=1e-6, rtol=0)
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(_model(name)[0], tmp_path).eval()
     torch.testing.assert_close(_outputs(loaded, batch), adapted, atol=1e-6, rtol=0)

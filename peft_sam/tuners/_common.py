@@ -6,6 +6,7 @@ import copy
 from collections.abc import Callable
 
 from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule, check_target_module_exists
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 
@@ -23,9 +24,9 @@ def match_supported_module(
     """
     if peft_config.target_modules is not None:
         return check_target_module_exists(peft_config, key)
-    if any(key.endswith(name) for name in peft_config.modules_to_save or []):
+    if any(key.endswith(name) for name in peft_config.modules_to_save or []) or _inside_wrapper(model, key):
         # PEFT wraps every module whose name ends with a modules_to_save entry (DistilBERT's "pre_classifier" for
-        # "classifier"): such a module is trained in full, not adapted
+        # "classifier"): such a module is trained in full, not adapted; nor are the copies inside such a wrapper
         return False
     probe = copy.copy(peft_config)
     probe.target_modules = ".*"
@@ -38,6 +39,16 @@ def match_supported_module(
     if isinstance(module, BaseTunerLayer) or any(isinstance(m, BaseTunerLayer) for m in module.modules()):
         return False
     return is_supported(module)
+
+
+def _inside_wrapper(model: nn.Module, key: str) -> bool:
+    """Whether ``key`` lies inside a PEFT auxiliary wrapper (``ModulesToSaveWrapper``, trainable tokens)."""
+    parts = key.split(".")
+    for i in range(1, len(parts)):
+        parent = model.get_submodule(".".join(parts[:i]))
+        if isinstance(parent, AuxiliaryTrainingWrapper):
+            return True
+    return False
 
 
 def resolve_adapter_config(model: nn.Module, adapter_name: str | None, config_cls: type, how_to_create: str):

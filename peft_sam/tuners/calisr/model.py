@@ -198,12 +198,16 @@ class CaliSrModel(UnloadKeepsModules, BaseTuner):
     def _calisr_targets(model: nn.Module, config: CaliSrConfig, adapter_name: str) -> dict[str, str]:
         """{module name: group} of the adapted Linear/Conv1D modules that match a group pattern."""
         inside = wrapped_inner_ids(model)
+        # as PEFT's "all-linear", not the output embedding layer: its weight is often tied to the input embeddings,
+        # where a dense W_extra would change both (the wrapped method itself may still adapt it)
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        output = output.get_base_layer() if isinstance(output, BaseTunerLayer) else output
         targets, unmatched = {}, []
         for key, module in model.named_modules():
             if not isinstance(module, BaseTunerLayer) or id(module) in inside:
                 continue
             inner = module.base_layer if isinstance(module, CaliSrLayer) else module
-            if not isinstance(inner.get_base_layer(), (nn.Linear, Conv1D)):
+            if not isinstance(inner.get_base_layer(), (nn.Linear, Conv1D)) or inner.get_base_layer() is output:
                 continue
             if adapter_name not in inner._all_available_adapter_names():
                 continue
