@@ -147,6 +147,13 @@ class CaliSrModel(UnloadKeepsModules, BaseTuner):
                     f"{other.adapter_type}: all CaliSr adapters of one model must wrap the same method."
                 )
 
+    def forward(self, *args, **kwargs):
+        """The model's forward, after the base tensors of a wrapped SAM adapter are brought up to date."""
+        from ..sam.layer import SAMLayer, refresh_layers
+
+        refresh_layers([m for m in self.model.modules() if isinstance(m, SAMLayer)])
+        return super().forward(*args, **kwargs)
+
     def inject_adapter(
         self,
         model: nn.Module,

@@ -705,13 +705,17 @@ def refresh_layers(layers: list[SAMLayer]) -> None:
             w0s.append(getattr(layer, W0_SLOTS[tensor_name])[adapter])
             value = getattr(layer, TENSOR_SLOTS[tensor_name][1])[adapter].detach()
             deltas.append(value if value.dtype == param.dtype else value.to(param.dtype))
-    if not pending:
-        return
-    with torch.no_grad():
-        sums = torch._foreach_add(w0s, deltas)
-        for (layer, tensor_name, param, live, key), new in zip(pending, sums):
-            param.detach().view(-1).index_put_((live[2][live[1][0]],), new)
-            layer._sam_live[tensor_name] = (key, live[1], live[2], param.data_ptr())
+    if pending:
+        with torch.no_grad():
+            sums = torch._foreach_add(w0s, deltas)
+            for (layer, tensor_name, param, live, key), new in zip(pending, sums):
+                param.detach().view(-1).index_put_((live[2][live[1][0]],), new)
+                layer._sam_live[tensor_name] = (key, live[1], live[2], param.data_ptr())
+    # first applications, several adapters: each layer's own refresh (a no-op where the batched pass was enough).
+    # Done here too, before the model runs, because a tensor may be read before its SAM layer runs (a module shared
+    # under two names, e.g. T5's embeddings on transformers 4.57, is wrapped under one name only)
+    for layer in layers:
+        layer.refresh_base()
 
 
 def _pristine_state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
