@@ -682,20 +682,23 @@ def refresh_layers(layers: list[SAMLayer]) -> None:
     """:meth:`SAMLayer.refresh_base` for many layers at once: one ``_foreach_add`` for every ``W0 + Delta``.
 
     A model-level forward calls it (``SAMModel.forward``), so a training step adds one kernel for the sums and one
-    ``index_put_`` per adapted tensor; tensors in any other state (first application, several adapters, a wrapper
-    shadowing the base) are left to each layer's own refresh in its forward.
+    ``index_put_`` per adapted tensor; tensors in any other state (first application, several adapters) go through
+    the layer's own refresh; a tensor a wrapper shadows is left to the layer's forward.
     """
-    pending, w0s, deltas = [], [], []
+    pending, w0s, deltas, others = [], [], [], []
     for layer in layers:
         if layer.merged or layer.disable_adapters:
             continue
         for tensor_name in TENSOR_SLOTS:
             live = layer._sam_live.get(tensor_name)
-            if live is None or len(live[1]) != 1:
-                continue
             adapters = layer._ready_adapters(tensor_name)
+            if not adapters and live is None:
+                continue
             param = layer._registered(tensor_name)
-            if adapters != live[1] or param is None:
+            if param is None:
+                continue  # shadowed: the layer's forward deals with it
+            if live is None or len(adapters) != 1 or live[1] != adapters:
+                others.append(layer)  # first application, several adapters, or a restore
                 continue
             key = layer._values_key(tensor_name, adapters)
             if live[0] == key and live[3] == param.data_ptr():
@@ -711,10 +714,10 @@ def refresh_layers(layers: list[SAMLayer]) -> None:
             for (layer, tensor_name, param, live, key), new in zip(pending, sums):
                 param.detach().view(-1).index_put_((live[2][live[1][0]],), new)
                 layer._sam_live[tensor_name] = (key, live[1], live[2], param.data_ptr())
-    # first applications, several adapters: each layer's own refresh (a no-op where the batched pass was enough).
-    # Done here too, before the model runs, because a tensor may be read before its SAM layer runs (a module shared
-    # under two names, e.g. T5's embeddings on transformers 4.57, is wrapped under one name only)
-    for layer in layers:
+    # the other states go through each layer's own refresh, here too, before the model runs: a tensor may be read
+    # before its SAM layer runs (a module shared under two names, e.g. T5's embeddings on transformers 4.57, is
+    # wrapped under one name only)
+    for layer in dict.fromkeys(others):
         layer.refresh_base()
 
 
