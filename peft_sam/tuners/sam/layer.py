@@ -324,14 +324,8 @@ class SAMLayer(BaseTunerLayer):
             if not adapters or live is None or live[1] != adapters:
                 _eager_refresh(self)
                 return
-            w0_store = getattr(self, W0_SLOTS[tensor_name])
-            values = getattr(self, TENSOR_SLOTS[tensor_name][1])
             with torch.no_grad():
-                target = param.detach().view(-1)
-                for a in adapters:
-                    target.index_put_((live[2][a],), w0_store[a])
-                for a in adapters:
-                    target.index_add_(0, live[2][a], values[a].detach().to(target.dtype))
+                self._write_entries(param.detach().view(-1), tensor_name, adapters, live[2])
 
     @torch.no_grad()
     def _apply_tensor(self, tensor_name: str, param: torch.Tensor, adapters: tuple[str, ...], live) -> None:
@@ -348,6 +342,12 @@ class SAMLayer(BaseTunerLayer):
             a = adapters[0]
             target.index_put_((flats[a],), w0_store[a] + values[a].detach().to(target.dtype))
             return
+        self._write_entries(target, tensor_name, adapters, flats)
+
+    def _write_entries(self, target: torch.Tensor, tensor_name: str, adapters: tuple[str, ...], flats: dict) -> None:
+        """``target[entries] = W0 + sum of the adapters' offsets``: every W0 first, as entries may overlap."""
+        w0_store = getattr(self, W0_SLOTS[tensor_name])
+        values = getattr(self, TENSOR_SLOTS[tensor_name][1])
         for a in adapters:
             target.index_put_((flats[a],), w0_store[a])
         for a in adapters:
@@ -409,12 +409,12 @@ class SAMLayer(BaseTunerLayer):
         live = self._sam_live.get(tensor_name)
         w0_store = getattr(self, W0_SLOTS[tensor_name])
         flat = seen.reshape(-1)
+        flats = {a: self._flat_index(tensor_name, a) for a in adapters}
         for a in adapters:
-            idx = self._flat_index(tensor_name, a)
-            w0 = w0_store[a] if live is not None and a in live[1] else seen.detach().reshape(-1)[idx]
-            flat = flat.index_put((idx,), w0.to(seen.dtype))
+            w0 = w0_store[a] if live is not None and a in live[1] else seen.detach().reshape(-1)[flats[a]]
+            flat = flat.index_put((flats[a],), w0.to(seen.dtype))
         for a in adapters:
-            flat = flat.index_add(0, self._flat_index(tensor_name, a), values[a].to(seen.dtype))
+            flat = flat.index_add(0, flats[a], values[a].to(seen.dtype))
         return flat.view_as(seen)
 
     def settle_placeholders(self, adapter_name: str) -> None:
