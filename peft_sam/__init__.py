@@ -11,9 +11,16 @@ from peft import AutoPeftModel, AutoPeftModelForSequenceClassification, PeftMode
 from .io import install_atomic_adapter_writes
 from .registry import PeftSamType, register_tuner
 from .selection import SelectionSummary, select_parameters
-from .tuners.calisr import CaliSrCallback, CaliSrConfig, CaliSrController, CaliSrModel
+from .tuners.calisr import (
+    CaliSrCallback,
+    CaliSrConfig,
+    CaliSrController,
+    CaliSrModel,
+    calisr_param_groups,
+    calisr_size_report,
+)
 from .tuners.mpo import MPOConfig, MPOLayer, MPOModel
-from .tuners.sam import SAMConfig, SAMLayer, SAMModel, SAMNotCalibratedError
+from .tuners.sam import SAMConfig, SAMLayer, SAMModel, SAMNotCalibratedError, load_sam_indices
 
 register_tuner(PeftSamType.SAM, SAMConfig, SAMModel, prefix="sam_")
 register_tuner(PeftSamType.MPO, MPOConfig, MPOModel, prefix="mpo_")
@@ -38,7 +45,10 @@ __all__ = [
     "SAMModel",
     "SAMNotCalibratedError",
     "SelectionSummary",
+    "calisr_param_groups",
+    "calisr_size_report",
     "get_peft_model",
+    "load_sam_indices",
     "register_tuner",
     "select_parameters",
 ]

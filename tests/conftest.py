@@ -7,6 +7,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+# the GLUE harness (benchmarks/glue, imported as ``glue``) is the benchmarks' and not part of the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import (  # noqa: E402

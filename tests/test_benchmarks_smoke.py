@@ -102,7 +102,7 @@ def test_quality_calisr_labels_and_claims(tmp_path: Path) -> None:
 
 def test_quality_skips_methods_this_environment_cannot_run(tmp_path: Path) -> None:
     # the AdapterHub baseline needs adapters + transformers 4.57; elsewhere its cells are skipped with the reason
-    from peft_sam.tasks import method_unavailable
+    from glue import method_unavailable
 
     quality = _load("quality")
     out, lines = tmp_path / "quality.jsonl", []

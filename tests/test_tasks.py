@@ -1,4 +1,4 @@
-"""Tests for peft_sam.tasks: metrics (against hand-computed values), readers/splits on the vendored data,
+"""Tests for glue: metrics (against hand-computed values), readers/splits on the vendored data,
 tokenisation and collators (with a tiny offline tokenizer)."""
 
 import os
@@ -14,16 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import BertTokenizerFast, DataCollatorWithPadding
-
-from peft_sam.tasks import TASKS, TaskSpec, compute_metrics, load_task, tokenize_task
-from peft_sam.tasks.data import DATA_DIR_ENV, DEFAULT_DATA_DIR, resolve_data_dir
-from peft_sam.tasks.preprocess import (
+from glue import TASKS, TaskSpec, compute_metrics, load_task, tokenize_task
+from glue.data import DATA_DIR_ENV, DEFAULT_DATA_DIR, resolve_data_dir
+from glue.preprocess import (
     MultipleChoiceCollator,
     collate_multiple_choice,
     get_collator,
     model_class_for,
 )
+from transformers import BertTokenizerFast, DataCollatorWithPadding
 
 REPO_DATA = Path(__file__).resolve().parents[1] / "data"
 

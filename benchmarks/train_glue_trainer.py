@@ -3,12 +3,12 @@
 SAM needs no ``TrainerCallback``: its calibration (``peft_sam.select_parameters``) runs once, before the
 optimizer exists, so it simply happens before ``Trainer(...)``::
 
-    python examples/train_glue_trainer.py --task rte --method sam --num-calibration-batches 100
+    python benchmarks/train_glue_trainer.py --task rte --method sam --num-calibration-batches 100
 
 CaliSr does need one: ``--method calisr`` adds :class:`peft_sam.CaliSrCallback`, which takes over the Trainer's
 ``optimizer.step()`` (split steps, stable-rank measurements, switches); W_extra gets its own learning rate::
 
-    python examples/train_glue_trainer.py --task rte --method calisr --calisr-adapter lora --calisr-variant S
+    python benchmarks/train_glue_trainer.py --task rte --method calisr --calisr-adapter lora --calisr-variant S
 
 The best checkpoint (by validation score) is reloaded at the end, evaluated on the test split and saved to
 ``<output-dir>/adapter``. (AdaLoRA needs a per-step ``update_and_allocate`` hook: use ``train_glue.py``.)
@@ -25,13 +25,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from glue import compute_metrics, get_collator, get_spec, load_task, model_class_for, tokenize_task  # noqa: E402
+from glue.methods import METHODS, build_peft_model, save_trained  # noqa: E402
+from glue.training import default_model_path  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from transformers import AutoTokenizer, Trainer, TrainingArguments  # noqa: E402
 
 import peft_sam  # noqa: E402
-from peft_sam.tasks import compute_metrics, get_collator, get_spec, load_task, model_class_for, tokenize_task  # noqa: E402
-from peft_sam.tasks.methods import METHODS, build_peft_model, save_trained  # noqa: E402
-from peft_sam.tasks.training import default_model_path  # noqa: E402
 
 
 def main() -> None:
@@ -94,7 +94,7 @@ def main() -> None:
     lr = args.lr if args.lr is not None else METHODS[args.method].default_lr
     callbacks, optimizers = [], (None, None)
     if args.method == "calisr":  # core at lr, W_extra at --calisr-extra-lr; the callback drives the switch
-        from peft_sam.tuners.calisr import calisr_param_groups
+        from peft_sam import calisr_param_groups
 
         groups = calisr_param_groups(model)
         for group in groups:

@@ -2,9 +2,9 @@
 
 Runs as plain ``python`` or on several processes::
 
-    python examples/train_glue.py --task rte --method sam --num-calibration-batches 100
-    accelerate launch --multi_gpu --num_processes 2 examples/train_glue.py --task cb --method lora --cpu
-    torchrun --nproc_per_node 2 examples/train_glue.py --task cb --method sam --cpu
+    python benchmarks/train_glue.py --task rte --method sam --num-calibration-batches 100
+    accelerate launch --multi_gpu --num_processes 2 benchmarks/train_glue.py --task cb --method lora --cpu
+    torchrun --nproc_per_node 2 benchmarks/train_glue.py --task cb --method sam --cpu
 
 On CPUs, note that ``accelerate launch --cpu --num_processes 2`` starts only ONE process (accelerate's CPU
 launcher needs MPI for more); the torchrun-based launchers above start two, which talk over gloo.
@@ -13,8 +13,8 @@ Prints the validation metrics at every evaluation and the final summary (also wr
 ``<output-dir>/summary.json``); the best adapter is saved to ``<output-dir>/adapter`` (``model`` for
 ``--method full``). Reload it with ``PeftModel.from_pretrained(base, "<output-dir>/adapter")`` after
 ``import peft_sam`` (``--method adapter``, AdapterHub's bottleneck:
-``peft_sam.tasks.adapterhub.load_bottleneck_adapter``). The training loop itself is
-:func:`peft_sam.tasks.training.train_and_evaluate`.
+``glue.adapterhub.load_bottleneck_adapter``). The training loop itself is
+:func:`glue.training.train_and_evaluate`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from peft_sam.tasks.training import add_train_args, config_from_args, train_and_evaluate  # noqa: E402
+from glue.training import add_train_args, config_from_args, train_and_evaluate  # noqa: E402
 
 
 def main() -> None:

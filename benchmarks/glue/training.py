@@ -1,9 +1,9 @@
-"""One training loop for every method and task, shared by ``examples/train_glue.py`` and the benchmarks.
+"""One training loop for every method and task, shared by ``benchmarks/train_glue.py`` and the benchmarks.
 
 :func:`train_and_evaluate` runs in plain ``python`` and under ``accelerate launch --num_processes N``:
 
-1. load the task (train / val / test protocol of :func:`peft_sam.tasks.load_task`) and the model;
-2. wrap it for the method (:func:`peft_sam.tasks.methods.build_peft_model`);
+1. load the task (train / val / test protocol of :func:`glue.load_task`) and the model;
+2. wrap it for the method (:func:`glue.methods.build_peft_model`);
 3. SAM calibration (``sam`` / ``fisher``) *before* ``accelerator.prepare``: every rank walks the same
    seeded sequence of ``num_calibration_batches`` training batches (the training set is cycled, reshuffled
    per pass, if it has fewer batches) and takes the slice ``batches[rank::world]``; ``select_parameters``
@@ -38,6 +38,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
+import peft_sam
+
 from .data import get_spec, load_task
 from .methods import CALISR_ADAPTERS, METHODS, MethodInfo, build_peft_model, method_unavailable, save_trained
 from .metrics import compute_metrics
@@ -58,7 +60,7 @@ SUMMARY_FILE = "summary.json"
 
 @dataclass
 class TrainConfig:
-    """Everything one run needs; ``examples/train_glue.py`` makes one CLI flag of each field."""
+    """Everything one run needs; ``benchmarks/train_glue.py`` makes one CLI flag of each field."""
 
     task: str = "rte"
     method: str = "sam"
@@ -203,34 +205,14 @@ def _calibration_batches(
 
 
 def _restore_sam_entries(model: nn.Module, model_file: Path) -> int:
-    """Before ``load_state``: give each SAM layer the checkpoint's indices (``load_state`` sets the values).
-
-    Needed because an uncalibrated adapter holds placeholders, whose length only matches the checkpoint's in
-    ``per_tensor`` scope (``global`` scope: one placeholder per tensor); the calibration is not re-run.
-    """
+    """Before ``load_state``: give each SAM layer the checkpoint's indices (``load_state`` then sets the values)."""
     from safetensors.torch import load_file
-
-    from ..tuners.sam.layer import TENSOR_SLOTS, SAMLayer
 
     if model_file.suffix == ".safetensors":
         saved = load_file(str(model_file))
     else:
         saved = torch.load(model_file, map_location="cpu", weights_only=True)
-    saved = {k.removeprefix("module."): v for k, v in saved.items()}
-    restored = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, SAMLayer):
-            continue
-        for tensor_name, (idx_name, _) in TENSOR_SLOTS.items():
-            for adapter in list(getattr(module, idx_name).keys()):
-                key = f"{name}.{idx_name}.{adapter}"
-                # a tensor absent from the checkpoint got no entry (global scope): empty it as well
-                indices = saved.get(key, torch.empty(0, dtype=torch.long))
-                module.set_entries(adapter, tensor_name, indices)
-                restored += int(key in saved)
-    if restored == 0:
-        raise ValueError(f"No SAM indices found in {model_file}: was this state saved by a SAM run?")
-    return restored
+    return peft_sam.load_sam_indices(model, saved)
 
 
 class _Progress:
@@ -282,8 +264,6 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer, get_linear_schedule_with_warmup
-
-    import peft_sam
 
     wall_start = time.perf_counter()
     cfg = dataclasses.replace(cfg, model=cfg.model or default_model_path())
@@ -402,10 +382,9 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
     tracked_names = [n for n, _ in _trainable_named(model)]
     params = [p for _, p in _trainable_named(model)]
     if calisr:
-        from ..tuners.calisr import calisr_param_groups
 
         extra_lr = cfg.calisr_extra_lr if cfg.calisr_extra_lr is not None else METHODS["full"].default_lr
-        groups = calisr_param_groups(model, weight_decay=cfg.weight_decay)
+        groups = peft_sam.calisr_param_groups(model, weight_decay=cfg.weight_decay)
         for group in groups:
             group["lr"] = extra_lr if group["calisr"] == "extra" else lr
         optimizer = torch.optim.AdamW(groups, lr=lr)
@@ -569,9 +548,8 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
         test_predictions,
     )
     if controller is not None:
-        from ..tuners.calisr import calisr_size_report
 
-        summary["calisr"] = {**controller.summary(), "sizes": calisr_size_report(unwrapped)}
+        summary["calisr"] = {**controller.summary(), "sizes": peft_sam.calisr_size_report(unwrapped)}
         summary["calisr"]["measure_share"] = controller.measure_seconds / max(progress.train_seconds, 1e-9)
     if world > 1:
         rank_info = {

@@ -24,7 +24,7 @@ __all__ = [
     "tokenize_task",
 ]
 
-# methods table and the shared training loop (examples/train_glue.py, benchmarks)
+# methods table and the shared training loop (benchmarks/train_glue.py, benchmarks)
 from .methods import (  # noqa: E402
     METHODS,
     MethodInfo,
