@@ -8,9 +8,9 @@ re-exported so that importing it from here guarantees the registration.
 
 from peft import AutoPeftModel, AutoPeftModelForSequenceClassification, PeftModel, get_peft_model
 
+from .calibration import SelectionSummary, select_parameters
 from .io import install_atomic_adapter_writes
 from .registry import PeftSamType, register_tuner
-from .selection import SelectionSummary, select_parameters
 from .tuners.calisr import (
     CaliSrCallback,
     CaliSrConfig,

@@ -20,7 +20,7 @@ def _select(batches, method):
     from peft import get_peft_model
 
     import peft_sam
-    from peft_sam.selection import find_candidates
+    from peft_sam.tuners.sam.mask_functions import find_candidates
 
     model = get_peft_model(tiny_bert(0), peft_sam.SAMConfig(p=0.05, selection=method, task_type="SEQ_CLS"))
     for m in model.modules():  # no dropout: the two runs draw different random numbers

@@ -10,7 +10,7 @@ from peft import AutoPeftModelForSequenceClassification, PeftModel, get_peft_mod
 
 import peft_sam
 from peft_sam import SAMConfig, SAMLayer
-from peft_sam.selection import find_candidates
+from peft_sam.tuners.sam.mask_functions import find_candidates
 
 
 def _sam_layers(model):

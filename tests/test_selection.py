@@ -7,7 +7,7 @@ from peft import get_peft_model
 
 import peft_sam
 from peft_sam import SAMConfig, SAMLayer
-from peft_sam.selection import find_candidates
+from peft_sam.tuners.sam.mask_functions import find_candidates
 
 
 def _dense_scores(method: str, batches, clip: float = 1.0) -> dict[str, torch.Tensor]:
@@ -49,7 +49,7 @@ def test_per_tensor_selection_matches_dense_reference(method):
     reference = _dense_scores(method, batches)
     chosen = _selected(model)
     assert summary.num_batches == 4 and summary.num_selected == sum(i.numel() for i in chosen.values())
-    floor = peft_sam.selection.STRUCTURAL_ZERO_RTOL * max(float(reference[n].max()) for n in chosen)
+    floor = peft_sam.tuners.sam.mask_functions.STRUCTURAL_ZERO_RTOL * max(float(reference[n].max()) for n in chosen)
     for name, idx in chosen.items():
         score = reference[name].clone()
         if name == "bert.embeddings.word_embeddings.weight":

@@ -16,6 +16,7 @@ from .layer import (
     refresh_layers,
     sam_layer_class_for,
 )
+from .mask_functions import select_data_free
 
 
 class SAMModel(UnloadKeepsModules, BaseTuner):
@@ -68,8 +69,6 @@ class SAMModel(UnloadKeepsModules, BaseTuner):
         link_tied_tensors([m for m in model.modules() if isinstance(m, SAMLayer)], adapter_name)
         config = self.peft_config[adapter_name]
         if not config.needs_calibration and not kwargs.get("low_cpu_mem_usage", False):
-            from ...selection import select_data_free
-
             select_data_free(model, adapter_name, config)
 
     # ------------------------------------------------------------------ save / load hooks

@@ -1,18 +1,17 @@
-"""Choosing the trained entries of a SAM adapter: importance scores -> per-tensor or global top-k indices.
+"""SAM calibration: the gradient-based choice of an adapter's trained entries from training batches at theta_0.
 
 ``select_parameters`` is the calibration step of the SAM paper's reference code: ``num_calibration_batches``
 training batches at theta_0 with dropout on, no optimizer step, each batch's gradient clipped to global norm
 ``calibration_clip_norm`` and then summed with its sign; score = |sum g| (``sam``) or sum g^2 (``fisher``).
 Under ``torch.distributed`` the score sums are all-reduced before the top-k and rank 0's indices are broadcast,
-so every process holds the same mask. Data-free selections (``magnitude``, ``random``, ``bitfit``) run inside
-``get_peft_model`` through :func:`select_data_free`.
+so every process holds the same mask. Candidates, scores -> top-k and the data-free selections (``magnitude``,
+``random``, ``bitfit``, run inside ``get_peft_model``) are the SAM tuner's (``tuners/sam/mask_functions.py``).
 """
 
 from __future__ import annotations
 
 import copy
 import time
-import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,22 +22,18 @@ from torch import nn
 from torch.nn.utils import get_total_norm
 from tqdm.auto import tqdm
 
-from .tuners._common import resolve_adapter_config
-from .tuners.sam.config import DATA_FREE_SELECTIONS, GRADIENT_SELECTIONS, SAMConfig
-from .tuners.sam.layer import SAMLayer
-
-
-@dataclass
-class Candidate:
-    """One base tensor that a SAM adapter may train."""
-
-    name: str  # module path without the PEFT wrapper prefix, e.g. "bert.encoder.layer.0.attention.self.query"
-    layer: SAMLayer
-    tensor_name: str  # "weight" or "bias"
-
-    @property
-    def tensor(self) -> torch.Tensor:
-        return self.layer.base_tensor(self.tensor_name)
+from .tuners.calisr.model import sam_selection_view
+from .tuners.sam.config import DATA_FREE_SELECTIONS, GRADIENT_SELECTIONS
+from .tuners.sam.mask_functions import (
+    STRUCTURAL_ZERO_RTOL,
+    Candidate,
+    apply_entries,
+    exclude_structural_zeros,
+    find_candidates,
+    sam_config,
+    select_data_free,
+    top_entries,
+)
 
 
 @dataclass
@@ -55,81 +50,6 @@ class SelectionSummary:
     seconds: float
 
 
-def _strip_wrapper_prefix(name: str) -> str:
-    for prefix in ("base_model.model.", "module.base_model.model."):
-        if name.startswith(prefix):
-            return name[len(prefix) :]
-    return name
-
-
-def find_candidates(model: nn.Module, adapter_name: str, p: float | None = None) -> list[Candidate]:
-    """All (layer, tensor) pairs in which ``adapter_name`` may choose entries, in module order."""
-    found, sizes = [], []
-    for name, module in model.named_modules():
-        if isinstance(module, SAMLayer) and adapter_name in module.sam_candidates:
-            sizes += [module.base_tensor(t).numel() for t in module.adapted_tensor_names()]
-            for tensor_name in module.sam_candidates[adapter_name]:
-                found.append(Candidate(_strip_wrapper_prefix(name), module, tensor_name))
-    if not sizes:
-        raise ValueError(
-            f"The model has no SAM layers for adapter {adapter_name!r}: create it with "
-            "get_peft_model(model, SAMConfig(...)) first."
-        )
-    if not found:
-        raise ValueError(
-            f"p={p} selects no entry at all: int(p * numel) is 0 for every adapted tensor (the largest has "
-            f"{max(sizes)} entries). Use p >= {1.0 / max(sizes):.2g} or scope='global'."
-        )
-    return found
-
-
-def _sam_config(model: nn.Module, adapter_name: str | None) -> tuple[str, SAMConfig]:
-    return resolve_adapter_config(model, adapter_name, SAMConfig, "get_peft_model(model, SAMConfig(...))")
-
-
-# ---------------------------------------------------------------------------------------------------- top-k
-def top_entries(
-    scores: list[torch.Tensor], p: float, scope: str, names: list[str] | None = None, floor: float | None = None
-):
-    """Indices (sorted int64 per tensor) of the top-scored entries: int(p*numel) each, or int(p*total) globally.
-
-    Entries scored ``-inf`` or at most ``floor`` are never chosen (a tensor may then get fewer, or none). Ties are
-    broken by the lower flat index, so the result is deterministic.
-    """
-    floor = float("-inf") if floor is None else floor
-    if scope == "per_tensor":
-        chosen = [
-            _topk_stable(s.reshape(-1), min(int(p * s.numel()), int((s > floor).sum()))) for s in scores
-        ]
-    elif scope == "global":
-        flat = torch.cat([s.reshape(-1).to(torch.float64) for s in scores])
-        picked = _topk_stable(flat, min(int(p * flat.numel()), int((flat > floor).sum())))
-        chosen, start = [], 0
-        for s in scores:
-            in_range = picked[(picked >= start) & (picked < start + s.numel())]
-            chosen.append(in_range - start)
-            start += s.numel()
-    else:
-        raise ValueError(f"scope must be 'per_tensor' or 'global', got {scope!r}")
-    if sum(c.numel() for c in chosen) == 0:
-        smallest = min(scores, key=lambda s: s.numel()).numel()
-        largest = max(scores, key=lambda s: s.numel()).numel()
-        raise ValueError(
-            f"p={p} selects no entry at all (int(p * numel) is 0 for every tensor; the largest has {largest} entries, "
-            f"the smallest {smallest}). Use p >= {1.0 / largest:.2g} or scope='global'."
-        )
-    return chosen
-
-
-def _topk_stable(score: torch.Tensor, k: int) -> torch.Tensor:
-    if k <= 0:
-        return torch.empty(0, dtype=torch.long, device=score.device)
-    if k >= score.numel():
-        return torch.arange(score.numel(), device=score.device)
-    order = torch.sort(score, descending=True, stable=True).indices[:k]
-    return torch.sort(order).values
-
-
 def _broadcast_from_rank0(indices: list[torch.Tensor]) -> list[torch.Tensor]:
     """Make every rank use rank 0's indices (per-tensor sizes are equal on all ranks in per_tensor scope)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -139,60 +59,6 @@ def _broadcast_from_rank0(indices: list[torch.Tensor]) -> list[torch.Tensor]:
     flat = torch.cat(indices) if dist.get_rank() == 0 else torch.empty(int(sizes.sum()), dtype=torch.long)
     dist.broadcast(flat, src=0)
     return list(torch.split(flat, sizes.tolist()))
-
-
-def _apply(candidates: list[Candidate], adapter_name: str, indices: list[torch.Tensor], config: SAMConfig) -> None:
-    for cand, idx in zip(candidates, indices):
-        cand.layer.set_entries(adapter_name, cand.tensor_name, idx, config=config)
-
-
-# ---------------------------------------------------------------------------------------------------- data-free
-def data_free_scores(candidates: list[Candidate], config: SAMConfig) -> list[torch.Tensor]:
-    """Scores of the data-free selections: |theta_0| (magnitude), seeded uniform noise (random), biases (bitfit)."""
-    scores = []
-    for cand in candidates:
-        tensor = cand.tensor.detach()
-        if config.selection == "magnitude":
-            scores.append(tensor.abs().float().cpu())
-        elif config.selection == "random":
-            # a per-tensor stream, so that two layers of the same shape get different masks
-            gen = torch.Generator().manual_seed(int(config.seed) * 1_000_003 + zlib.crc32(cand.name.encode()))
-            scores.append(torch.rand(tensor.shape, generator=gen))
-        elif config.selection == "bitfit":
-            scores.append(torch.full(tensor.shape, 1.0 if cand.tensor_name == "bias" else 0.0))
-        else:
-            raise ValueError(f"{config.selection!r} is not a data-free selection {DATA_FREE_SELECTIONS}.")
-    return [exclude_structural_zeros(c, s) for c, s in zip(candidates, scores)]
-
-
-# Entries whose calibration score is below this fraction of the largest score have a gradient that is zero by
-# construction, seen through float rounding (e.g. the key-projection bias under softmax attention, whose gradient
-# cancels over the keys: ~1e-9 of the other tensors' on BERT); they are never selected.
-STRUCTURAL_ZERO_RTOL = 1e-6
-
-
-def exclude_structural_zeros(cand: Candidate, score: torch.Tensor) -> torch.Tensor:
-    """``score`` with the entries that can never receive a gradient set to -inf (an embedding's padding row)."""
-    base = cand.layer.get_base_layer()
-    padding_idx = getattr(base, "padding_idx", None)
-    if isinstance(base, nn.Embedding) and padding_idx is not None and cand.tensor_name == "weight":
-        score = score.clone()
-        score[padding_idx] = float("-inf")
-    return score
-
-
-def select_data_free(model: nn.Module, adapter_name: str, config: SAMConfig) -> int:
-    """Choose the entries of a data-free selection; returns how many were chosen."""
-    candidates = find_candidates(model, adapter_name, config.p)
-    scores = data_free_scores(candidates, config)
-    if config.selection == "bitfit":
-        indices = [torch.nonzero(s.reshape(-1)).reshape(-1) for s in scores]
-        if sum(i.numel() for i in indices) == 0:
-            raise ValueError("selection='bitfit' found no bias in the adapted modules.")
-    else:
-        indices = top_entries(scores, config.p, config.scope)
-    _apply(candidates, adapter_name, indices, config)
-    return sum(i.numel() for i in indices)
 
 
 # ---------------------------------------------------------------------------------------------------- calibration
@@ -328,7 +194,6 @@ def select_parameters(
         loss_fn: ``loss_fn(model, batch) -> loss`` when the model does not return ``.loss`` itself.
         show_progress: show a tqdm bar (rank 0 only).
     """
-    from .tuners.calisr.model import sam_selection_view  # a CaliSr(SAM) adapter is calibrated like plain SAM
 
     with sam_selection_view(model, adapter_name):
         return _select_parameters(
@@ -338,7 +203,7 @@ def select_parameters(
 
 def _select_parameters(model, dataloader, adapter_name, method, num_batches, clip_norm, loss_fn, show_progress):
     start = time.perf_counter()
-    adapter_name, config = _sam_config(model, adapter_name)
+    adapter_name, config = sam_config(model, adapter_name)
     method = method or config.selection
     candidates = find_candidates(model, adapter_name, config.p)
     num_candidates = sum(c.tensor.numel() for c in candidates)
@@ -374,7 +239,7 @@ def _select_parameters(model, dataloader, adapter_name, method, num_batches, cli
     largest = max(float(s.max()) for s in scores if s.numel())
     indices = top_entries(scores, config.p, config.scope, floor=STRUCTURAL_ZERO_RTOL * largest)
     indices = _broadcast_from_rank0(indices)
-    _apply(candidates, adapter_name, indices, config)
+    apply_entries(candidates, adapter_name, indices, config)
     return SelectionSummary(
         method,
         config.scope,
