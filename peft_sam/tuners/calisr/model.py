@@ -149,9 +149,13 @@ class CaliSrModel(UnloadKeepsModules, BaseTuner):
 
     def forward(self, *args, **kwargs):
         """The model's forward, after the base tensors of a wrapped SAM adapter are brought up to date."""
-        from ..sam.layer import SAMLayer, refresh_layers
+        from ..sam.batched import BatchedStep
+        from ..sam.layer import SAMLayer
 
-        refresh_layers([m for m in self.model.modules() if isinstance(m, SAMLayer)])
+        state = self.__dict__.get("_sam_batched")
+        if state is None:  # CaliSr reads the base tensors through functional_call: no arenas, no model-level tap
+            state = self.__dict__["_sam_batched"] = BatchedStep(use_arenas=False)
+        state.refresh([m for m in self.model.modules() if isinstance(m, SAMLayer)])
         return super().forward(*args, **kwargs)
 
     def inject_adapter(

@@ -71,6 +71,10 @@ class SAMLayer(BaseTunerLayer):
         # tensor name -> the SAM layer whose adapter entries this base tensor uses (tied input/output embeddings:
         # one delta per tensor, owned by the first layer; this layer adds its gradient to the owner's values)
         self._sam_tied: dict[str, SAMLayer] = {}
+        # tensor name -> the model-level arena whose buffer holds this base tensor while it is live (batched.py)
+        self._sam_arena_of: dict[str, Any] = {}
+        # tensor name -> this forward's view of a 1-D base tensor from the model-level tap (batched.py), if any
+        self._sam_model_taps: dict[str, torch.Tensor] = {}
         # adapter name -> base tensors ("weight", "bias") a selection may choose entries in
         self.sam_candidates: dict[str, list[str]] = {}
         # (adapter, buffer name) -> ((buffer, version), pending?): is_pending without a sync per forward
@@ -313,28 +317,29 @@ class SAMLayer(BaseTunerLayer):
             self._sam_live[tensor_name] = (key, adapters, self._sam_live[tensor_name][2], param.data_ptr())
 
     def _refresh_traced(self) -> None:
-        """The refresh inside compiled code: version counters cannot be traced, so the entries are written every
-        call (inductor turns the in-place write into a copy of the tensor); a state change runs eagerly."""
+        """The refresh inside compiled code: only a state change (first application, other adapters) runs, eagerly.
+
+        Compiled forwards never write the base tensors (version counters cannot be traced, and base tensors may
+        share storage in a model-level arena): they build ``W0 + Delta`` out of place (see ``dispatch_forward``).
+        """
         for tensor_name in TENSOR_SLOTS:
             adapters = self._ready_adapters(tensor_name)
             live = self._sam_live.get(tensor_name)
-            param = self._registered(tensor_name)
-            if param is None:
+            if self._registered(tensor_name) is None:
                 continue
-            if not adapters or live is None or live[1] != adapters:
+            if (adapters and (live is None or live[1] != adapters)) or (not adapters and live is not None):
                 _eager_refresh(self)
                 return
-            with torch.no_grad():
-                self._write_entries(param.detach().view(-1), tensor_name, adapters, live[2])
 
     @torch.no_grad()
     def _apply_tensor(self, tensor_name: str, param: torch.Tensor, adapters: tuple[str, ...], live) -> None:
         w0_store = getattr(self, W0_SLOTS[tensor_name])
         values = getattr(self, TENSOR_SLOTS[tensor_name][1])
         flats = {a: self._flat_index(tensor_name, a) for a in adapters}
+        if live is None or live[1] != adapters:
+            self._restore_tensor(tensor_name)  # (may give the tensor its own storage back: leaving an arena)
         target = param.detach().view(-1)  # detach() shares the version counter: autograd sees the write
         if live is None or live[1] != adapters:
-            self._restore_tensor(tensor_name)
             for a in adapters:  # every backup is taken before any offset is written (entries may overlap)
                 w0_store[a] = target[flats[a]]
             self._sam_live[tensor_name] = (None, adapters, flats, param.data_ptr())
@@ -375,6 +380,17 @@ class SAMLayer(BaseTunerLayer):
         """Bring the base tensors back to the pre-trained ``W0`` exactly (the next forward re-applies the offsets)."""
         for tensor_name in TENSOR_SLOTS:
             self._restore_tensor(tensor_name)
+
+    def in_arena(self, tensor_name: str) -> bool:
+        """Whether the base tensor is a view of a model-level arena (``batched.py``), sharing storage with others."""
+        arena = self._sam_arena_of.get(tensor_name)
+        return arena is not None and arena.holds(self.base_tensor(tensor_name))
+
+    def leave_arenas(self) -> None:
+        """Give the base tensors their own storage back (their whole arenas are released): before unloading."""
+        for arena in list(self._sam_arena_of.values()):
+            arena.release()
+        self._sam_arena_of.clear()
 
     def is_live(self) -> bool:
         """Whether the base tensors currently hold unmerged offsets (between forwards of an active adapter)."""
@@ -503,6 +519,18 @@ class SAMLayer(BaseTunerLayer):
                 with torch.no_grad():
                     self.base_tensor(tensor_name).data.view(-1)[idx] = old
 
+    def unload_and_optionally_merge_module(
+        self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """The base module for ``unload``/``merge_and_unload``: merged if asked, otherwise at W0 (unless merged
+        before); its tensors get their own storage (a plain model shares none)."""
+        if merge:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        elif not self.merged:
+            self.restore_base()
+        self.leave_arenas()
+        return self.get_base_layer()
+
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:  # noqa: D102
         return False
 
@@ -527,6 +555,9 @@ class SAMLayer(BaseTunerLayer):
         for tensor_name, names in adapters.items():
             if names:
                 source = self._source(tensor_name)
+                if torch.compiler.is_compiling():  # compiled: W0 + Delta out of place, never a write in the graph
+                    tensors[tensor_name] = source._out_of_place(tensor_name, names)
+                    continue
                 current = self._registered(tensor_name) is not None or source._seen_is_current(tensor_name, names)
                 tensors[tensor_name] = None if current else source._out_of_place(tensor_name, names)
         return self._sam_forward(x, adapters, tensors, *args, **kwargs)
@@ -546,6 +577,8 @@ class SAMLayer(BaseTunerLayer):
         base = getattr(self.get_base_layer(), tensor_name, None)
         if not adapters or base is None:
             return base
+        if not torch.compiler.is_compiling() and tensor_name in self._sam_model_taps:
+            return self._sam_model_taps[tensor_name]  # the model-level tap gathers this tensor's entries
         flats = [self._source(tensor_name)._flat_index(tensor_name, a) for a in adapters]
         return tap_entries(base, flats, self._values(tensor_name, adapters))
 
@@ -576,6 +609,9 @@ class Linear(nn.Module, SAMLayer):
             x = self._cast_input_dtype(x, weight.dtype)
             return F.linear(x, weight.t() if self.is_conv1d else weight, bias)
         weight, bias = base.weight, base.bias
+        if adapters["bias"] and not torch.compiler.is_compiling() and "bias" in self._sam_model_taps:
+            # the model-level tap gathers the bias entries from the dense bias gradient (as full FT computes it)
+            bias, adapters = self._sam_model_taps["bias"], {"weight": adapters["weight"], "bias": ()}
         x = self._cast_input_dtype(x, weight.dtype)
         rows, cols = weight.shape
         num_bias = 0 if bias is None else bias.numel()
@@ -677,56 +713,17 @@ def link_tied_tensors(layers: list[SAMLayer], adapter_name: str) -> None:
             layer._sam_tied[tensor_name] = owner
 
 
-@torch.compiler.disable
-def refresh_layers(layers: list[SAMLayer]) -> None:
-    """:meth:`SAMLayer.refresh_base` for many layers at once: one ``_foreach_add`` for every ``W0 + Delta``.
-
-    A model-level forward calls it (``SAMModel.forward``), so a training step adds one kernel for the sums and one
-    ``index_put_`` per adapted tensor; tensors in any other state (first application, several adapters) go through
-    the layer's own refresh; a tensor a wrapper shadows is left to the layer's forward.
-    """
-    pending, w0s, deltas, others = [], [], [], []
-    for layer in layers:
-        if layer.merged or layer.disable_adapters:
-            continue
-        for tensor_name in TENSOR_SLOTS:
-            live = layer._sam_live.get(tensor_name)
-            adapters = layer._ready_adapters(tensor_name)
-            if not adapters and live is None:
-                continue
-            param = layer._registered(tensor_name)
-            if param is None:
-                continue  # shadowed: the layer's forward deals with it
-            if live is None or len(adapters) != 1 or live[1] != adapters:
-                others.append(layer)  # first application, several adapters, or a restore
-                continue
-            key = layer._values_key(tensor_name, adapters)
-            if live[0] == key and live[3] == param.data_ptr():
-                continue
-            (adapter,) = adapters
-            pending.append((layer, tensor_name, param, live, key))
-            w0s.append(getattr(layer, W0_SLOTS[tensor_name])[adapter])
-            value = getattr(layer, TENSOR_SLOTS[tensor_name][1])[adapter].detach()
-            deltas.append(value if value.dtype == param.dtype else value.to(param.dtype))
-    if pending:
-        with torch.no_grad():
-            sums = torch._foreach_add(w0s, deltas)
-            for (layer, tensor_name, param, live, key), new in zip(pending, sums):
-                param.detach().view(-1).index_put_((live[2][live[1][0]],), new)
-                layer._sam_live[tensor_name] = (key, live[1], live[2], param.data_ptr())
-    # the other states go through each layer's own refresh, here too, before the model runs: a tensor may be read
-    # before its SAM layer runs (a module shared under two names, e.g. T5's embeddings on transformers 4.57, is
-    # wrapped under one name only)
-    for layer in dict.fromkeys(others):
-        layer.refresh_base()
-
-
 def _pristine_state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
-    """State dicts hold the pre-trained base tensors, never W0 + Delta (which lives there only between forwards)."""
-    for tensor_name in list(module._sam_live):
+    """State dicts hold the pre-trained base tensors, never W0 + Delta (which lives there only between forwards), and
+    never a view of a model-level arena (safetensors refuses tensors that share storage): a copy then."""
+    for tensor_name in module.adapted_tensor_names():
         key = f"{prefix}base_layer.{tensor_name}"
-        if key in state_dict:
+        if key not in state_dict:
+            continue
+        if tensor_name in module._sam_live:
             state_dict[key] = module.pristine_tensor(tensor_name).detach()
+        elif module.in_arena(tensor_name):
+            state_dict[key] = state_dict[key].clone()
 
 
 def _drop_unloaded_slots_hook(module: nn.Module, incompatible_keys: Any) -> None:

@@ -7,13 +7,13 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from .._common import UnloadKeepsModules, match_supported_module
+from .batched import BatchedStep
 from .config import SAMConfig
 from .layer import (
     TENSOR_SLOTS,
     SAMLayer,
     SAMNotCalibratedError,
     link_tied_tensors,
-    refresh_layers,
     sam_layer_class_for,
 )
 from .mask_functions import select_data_free
@@ -55,9 +55,17 @@ class SAMModel(UnloadKeepsModules, BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     def forward(self, *args, **kwargs):
-        """The model's forward, after bringing every SAM layer's base tensors up to date in one batched pass."""
-        refresh_layers([m for m in self.model.modules() if isinstance(m, SAMLayer)])
-        return super().forward(*args, **kwargs)
+        """The model's forward, with every SAM layer's base tensors brought up to date and its small tensors tapped
+        in one batched pass (``batched.py``)."""
+        state = self.__dict__.get("_sam_batched")
+        if state is None:
+            state = self.__dict__["_sam_batched"] = BatchedStep()
+        layers = [m for m in self.model.modules() if isinstance(m, SAMLayer)]
+        if torch.compiler.is_compiling():  # traced: the refresh runs eagerly; compiled layers need no tap
+            state.refresh(layers)
+            return super().forward(*args, **kwargs)
+        with state.step(layers):
+            return super().forward(*args, **kwargs)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
         """Inject the SAM layers; data-free selections (magnitude, random, bitfit) choose their entries here.

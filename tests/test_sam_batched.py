@@ -1,0 +1,150 @@
+"""The model-level SAM step (tuners/sam/batched.py): arenas for the refresh, one tap for the small tensors.
+
+Gradients equal a dense reference, storage is shared only inside the adapter's lifetime (state dicts, safetensors,
+unload and merge_and_unload see plain tensors), a stale graph is still caught, and the refresh is one write.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import make_batches, tiny_bert
+from peft import get_peft_model
+from safetensors.torch import save_file
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from peft_sam import SAMConfig, SAMLayer
+
+
+def _model(seed: int = 0):
+    model = get_peft_model(tiny_bert(seed), SAMConfig(p=0.1, selection="random", seed=3, task_type="SEQ_CLS"))
+    return model.eval()  # dropout off: the dense reference below must see the same function
+
+
+def _step(model, batch, lr: float = 1e-2) -> None:
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model(**batch).loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _sam_layers(model):
+    return {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, SAMLayer)}
+
+
+def _storages(model) -> set[int]:
+    ptrs = set()
+    for layer in _sam_layers(model).values():
+        for tensor_name in layer.adapted_tensor_names():
+            ptrs.add(layer.base_tensor(tensor_name).untyped_storage().data_ptr())
+    return ptrs
+
+
+def test_every_entry_gradient_equals_the_dense_gradient_at_the_entries():
+    model = _model()
+    batch = make_batches(seed=4)[0]
+    _step(model, batch)  # the entries hold non-zero offsets now
+    model(**batch).loss.backward()
+    layers = _sam_layers(model)
+    assert len(_storages(model)) == 1  # one arena holds every adapted tensor of this small model
+    dense = copy.deepcopy(model).merge_and_unload()  # W0 + Delta (and the trained head) as plain parameters
+    dense.requires_grad_(True)
+    dense(**batch).loss.backward()  # full fine-tuning's gradient
+    checked = {"weight": 0, "bias": 0, "norm": 0}
+    for name, layer in layers.items():
+        module = dense.get_submodule(name)
+        for tensor_name in layer.adapted_tensor_names():
+            found = layer.entries("default", tensor_name)
+            if found is None or found[0].numel() == 0:
+                continue
+            idx, values = found
+            expected = getattr(module, tensor_name).grad.reshape(-1)[idx]
+            torch.testing.assert_close(values.grad, expected, rtol=1e-5, atol=1e-7)
+            kind = "norm" if isinstance(module, torch.nn.LayerNorm) else tensor_name
+            checked[kind] += 1
+    assert all(checked.values()), checked  # weights, Linear biases and norms all went through the check
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_refresh_after_an_optimizer_step_is_one_write_for_the_whole_model():
+    model = _model()
+    batch = make_batches(seed=4)[0]
+    _step(model, batch)
+    model.train()
+    with _Ops() as ops:
+        model(**batch).loss.backward()
+    adapted = sum(len(layer.adapted_tensor_names()) for layer in _sam_layers(model).values())
+    assert adapted > 20
+    assert ops.names.count("index_put_.default") == 1
+    # the small tensors' entries: one gather for all of them, none per tensor
+    assert ops.names.count("index_select.default") == 1
+
+
+def _assert_no_shared_storage(state_dict: dict) -> None:
+    seen: dict[int, str] = {}
+    for name, tensor in state_dict.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        assert ptr not in seen, f"{name} shares storage with {seen[ptr]}"
+        seen[ptr] = name
+
+
+def test_state_dicts_safetensors_and_unloading_never_see_shared_storage(tmp_path):
+    model = _model()
+    batch = make_batches(seed=4)[0]
+    _step(model, batch)
+    expected = model(**batch).logits.detach()
+    assert len(_storages(model)) == 1
+    _assert_no_shared_storage(model.state_dict())
+    save_file(model.state_dict(), str(tmp_path / "live.safetensors"))  # what accelerate's save_state does
+    with model.disable_adapter():  # W0 restored in place; the tensors stay in the arena
+        _assert_no_shared_storage(model.state_dict())
+        save_file(model.state_dict(), str(tmp_path / "disabled.safetensors"))
+    merged = copy.deepcopy(model).merge_and_unload()
+    _assert_no_shared_storage(merged.state_dict())
+    save_file(merged.state_dict(), str(tmp_path / "merged.safetensors"))
+    torch.testing.assert_close(merged(**batch).logits, expected, rtol=0, atol=1e-6)
+    unloaded = model.unload()
+    _assert_no_shared_storage(unloaded.state_dict())
+    save_file(unloaded.state_dict(), str(tmp_path / "unloaded.safetensors"))
+    for name, prm in tiny_bert(0).named_parameters():  # unload() gives W0 back bit for bit (the head trained)
+        if not name.startswith("classifier."):
+            assert torch.equal(unloaded.get_parameter(name), prm), name
+
+
+def test_moving_or_copying_the_model_rebuilds_the_arena_and_keeps_training_exact():
+    model = _model()
+    batch = make_batches(seed=4)[0]
+    _step(model, batch)
+    twin = copy.deepcopy(model)
+    assert _storages(twin) != _storages(model)  # the copy never shares the original's storage
+    model.to(torch.float64).to(torch.float32)  # new storage for every tensor: the arena is rebuilt
+    for m in (model, twin):
+        _step(m, batch)
+    torch.testing.assert_close(model(**batch).logits, twin(**batch).logits, rtol=0, atol=1e-6)
+    assert len(_storages(model)) == 1 and len(_storages(twin)) == 1
+
+
+def test_a_graph_made_stale_by_the_refresh_is_refused():
+    model = _model()
+    batch = make_batches(seed=4)[0]
+    _step(model, batch)
+    model.train()
+    stale = model(**batch).loss
+    with torch.no_grad():  # an optimizer step on the entries only (the head's saved weights stay valid)
+        for name, p in model.named_parameters():
+            if "sam_" in name:
+                p.add_(0.1)
+    model(**batch)  # refreshes W0 + Delta in place: every adapted tensor the stale graph saved has changed
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        stale.backward()
