@@ -140,28 +140,46 @@ def flop_counter() -> FlopCounterMode:
 
 
 class SavedBytes:
-    """Distinct storages autograd saves for backward, in bytes (all, and excluding ``exclude``'s storages)."""
+    """Bytes autograd saves for backward (all, and excluding ``exclude``'s storages): the union of the byte ranges
+    the saved tensors cover, per storage (a saved view of a larger storage, e.g. a weight inside a flat buffer, counts
+    its own bytes; two saved views of one range count once)."""
 
     def __init__(self, exclude: list[torch.Tensor]) -> None:
         self.excluded = {t.untyped_storage().data_ptr() for t in exclude if t.device.type != "meta"}
-        self.seen: dict[int, int] = {}
+        self.ranges: dict[int, set[tuple[int, int]]] = {}
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
         if not tensor.is_sparse and tensor.layout == torch.strided:
             storage = tensor.untyped_storage()
-            self.seen.setdefault(storage.data_ptr(), storage.nbytes())
+            start = tensor.storage_offset() * tensor.element_size()
+            if tensor.is_contiguous():
+                end = start + tensor.numel() * tensor.element_size()
+            else:  # the span the strides reach
+                span = 1 + sum((n - 1) * st for n, st in zip(tensor.shape, tensor.stride()))
+                end = start + span * tensor.element_size()
+            self.ranges.setdefault(storage.data_ptr(), set()).add((start, min(end, storage.nbytes())))
         return tensor
 
     def hooks(self):
         return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
 
+    @staticmethod
+    def _union(ranges: set[tuple[int, int]]) -> int:
+        total, reach = 0, -1
+        for start, end in sorted(ranges):
+            if end <= reach:
+                continue
+            total += end - max(start, reach)
+            reach = end
+        return total
+
     @property
     def total(self) -> int:
-        return sum(self.seen.values())
+        return sum(self._union(r) for r in self.ranges.values())
 
     @property
     def activations(self) -> int:
-        return sum(n for ptr, n in self.seen.items() if ptr not in self.excluded)
+        return sum(self._union(r) for ptr, r in self.ranges.items() if ptr not in self.excluded)
 
 
 class PeakMemory(TorchDispatchMode):

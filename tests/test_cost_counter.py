@@ -76,3 +76,17 @@ def test_saved_for_backward_counts_each_storage_once_and_tells_activations_apart
         (y * y).sum()  # saves y (twice: one storage)
     assert saved.total == (4 * 8 + 16 * 8 + 4 * 16) * 4
     assert saved.activations == (4 * 8 + 4 * 16) * 4
+
+
+def test_saved_views_of_one_storage_count_the_bytes_they_cover():
+    flat = torch.randn(100)  # two weights as views of one flat buffer (SAM's arenas), 40 elements unused
+    a, b = flat[:20].view(4, 5), flat[60:100].view(8, 5)
+    x = torch.randn(3, 5, requires_grad=True)
+    saved = cost.SavedBytes(exclude=[a, b])
+    with saved.hooks():
+        torch.nn.functional.linear(x, a)  # saves a (the grad of x needs the weight only)
+        torch.nn.functional.linear(x, b)  # saves b
+        torch.nn.functional.linear(x, flat[:20].view(4, 5))  # a's range once more
+        x * x  # saves x
+    assert saved.total == (3 * 5 + 20 + 40) * 4
+    assert saved.activations == 3 * 5 * 4
