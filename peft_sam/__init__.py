@@ -9,7 +9,7 @@ re-exported so that importing it from here guarantees the registration.
 from peft import AutoPeftModel, AutoPeftModelForSequenceClassification, PeftModel, get_peft_model
 
 from .calibration import SelectionSummary, select_parameters
-from .io import install_atomic_adapter_writes
+from .io import atomic_adapter_writes, atomic_save_file
 from .registry import PeftSamType, register_tuner
 from .tuners.calisr import (
     CaliSrCallback,
@@ -25,7 +25,6 @@ from .tuners.sam import SAMConfig, SAMLayer, SAMModel, SAMNotCalibratedError, lo
 register_tuner(PeftSamType.SAM, SAMConfig, SAMModel, prefix="sam_")
 register_tuner(PeftSamType.MPO, MPOConfig, MPOModel, prefix="mpo_")
 register_tuner(PeftSamType.CALISR, CaliSrConfig, CaliSrModel, prefix="calisr_")
-install_atomic_adapter_writes()
 
 __version__ = "0.1.0"
 
@@ -45,6 +44,8 @@ __all__ = [
     "SAMModel",
     "SAMNotCalibratedError",
     "SelectionSummary",
+    "atomic_adapter_writes",
+    "atomic_save_file",
     "calisr_param_groups",
     "calisr_size_report",
     "get_peft_model",

@@ -1,13 +1,17 @@
-"""Atomic adapter files: PEFT writes ``adapter_model.safetensors`` in place; we write a temporary file and rename.
+"""Atomic adapter files: write a temporary file in the same folder, then rename it over the old one.
 
-A crash or an exception mid-write then never leaves a truncated adapter behind, and an existing adapter in the same
-directory stays intact until the new one is complete.
+PEFT's ``save_pretrained`` writes ``adapter_model.safetensors`` in place, so a crash or an exception mid-write leaves a
+truncated file where a good adapter was. Inside ``with peft_sam.atomic_adapter_writes():`` it writes through
+:func:`atomic_save_file` instead. Importing ``peft_sam`` changes nothing in PEFT; only the ``with`` block does, and the
+original writer is back when it ends (it is process-wide while it lasts: do not save from other threads meanwhile).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 from safetensors.torch import save_file
@@ -27,9 +31,14 @@ def atomic_save_file(tensors: dict, filename: str, metadata: dict[str, Any] | No
         raise
 
 
-def install_atomic_adapter_writes() -> None:
-    """Route PeftModel.save_pretrained's safetensors writes through :func:`atomic_save_file` (idempotent)."""
+@contextlib.contextmanager
+def atomic_adapter_writes() -> Iterator[None]:
+    """Within the block, ``PeftModel.save_pretrained`` writes its safetensors files atomically (nestable)."""
     import peft.peft_model as peft_model
 
-    if getattr(peft_model, "safe_save_file", None) is not atomic_save_file:
-        peft_model.safe_save_file = atomic_save_file
+    previous = peft_model.safe_save_file
+    peft_model.safe_save_file = atomic_save_file
+    try:
+        yield
+    finally:
+        peft_model.safe_save_file = previous

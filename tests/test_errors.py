@@ -88,10 +88,20 @@ def test_failed_write_leaves_previous_adapter_intact(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr("peft_sam.io.save_file", broken_save_file)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="disk full"), peft_sam.atomic_adapter_writes():
         model.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_importing_peft_sam_patches_nothing_and_the_atomic_block_restores_peft():
+    import peft.peft_model
+    import safetensors.torch
+
+    assert peft.peft_model.safe_save_file is safetensors.torch.save_file  # peft_sam is imported by now
+    with peft_sam.atomic_adapter_writes():
+        assert peft.peft_model.safe_save_file is peft_sam.atomic_save_file
+    assert peft.peft_model.safe_save_file is safetensors.torch.save_file
 
 
 def test_adapter_loaded_on_a_base_with_other_shapes(tmp_path):

@@ -129,7 +129,10 @@ def save_trained(model: nn.Module, info: MethodInfo, directory: str) -> None:
 
         save_bottleneck_adapter(model, directory)
     else:
-        model.save_pretrained(directory)
+        import peft_sam
+
+        with peft_sam.atomic_adapter_writes():  # a crash mid-write never leaves a truncated adapter
+            model.save_pretrained(directory)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
