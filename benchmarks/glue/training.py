@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 import peft_sam
 
-from .data import get_spec, load_task
+from .data import TaskSpec, get_spec, load_task
 from .methods import CALISR_ADAPTERS, METHODS, MethodInfo, build_peft_model, method_unavailable, save_trained
 from .metrics import compute_metrics
 from .preprocess import get_collator, model_class_for, tokenize_task
@@ -50,6 +50,7 @@ __all__ = [
     "add_train_args",
     "config_from_args",
     "default_model_path",
+    "load_base_model",
     "sam_indices_fingerprint",
     "train_and_evaluate",
 ]
@@ -244,14 +245,23 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
 
 
-def _load_base_model(cfg: TrainConfig, spec: Any) -> nn.Module:
+def load_base_model(model: str, task: str | TaskSpec | None = None, *, num_labels: int = 2) -> nn.Module:
+    """The pretrained base model ``model`` (hub id or path) with a task head: the Auto class of ``task``
+    (:func:`model_class_for`) and its number of labels; without a task, a sequence classifier of ``num_labels``.
+
+    The one place the harness and the benchmark scripts load a base model.
+    """
     import transformers
 
-    model_cls = getattr(transformers, model_class_for(spec))
-    kwargs = {} if spec.kind == "choice" else {"num_labels": spec.num_labels}
+    if task is None:
+        model_cls, kwargs = transformers.AutoModelForSequenceClassification, {"num_labels": num_labels}
+    else:
+        spec = get_spec(task)
+        model_cls = getattr(transformers, model_class_for(spec))
+        kwargs = {} if spec.kind == "choice" else {"num_labels": spec.num_labels}
     # a checkpoint fine-tuned for another task has a head of another shape: it is re-initialised (as here for
     # every task head), not an error
-    return model_cls.from_pretrained(cfg.model, ignore_mismatched_sizes=True, **kwargs)
+    return model_cls.from_pretrained(model, ignore_mismatched_sizes=True, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------- main entry
@@ -326,7 +336,7 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
     eval_every = int(cfg.eval_every or steps_per_epoch)
 
     # ---- model and method
-    base = _load_base_model(cfg, spec)
+    base = load_base_model(cfg.model, spec)
     model, info = build_peft_model(
         cfg.method,
         base,

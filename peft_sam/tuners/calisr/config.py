@@ -98,6 +98,55 @@ class CaliSrConfig(PeftConfig):
     zero-initialised delta for LoRA and SAM; the MPO central tensor itself) trains only until the switch. The switch
     is decided during training by :class:`peft_sam.CaliSrController` (plain loops) or :class:`peft_sam.CaliSrCallback`
     (transformers Trainer); all parameters are created here, inside ``get_peft_model``.
+
+    Args:
+        adapter (`Optional[Union[LoraConfig, SAMConfig, MPOConfig, dict]]`):
+            The wrapped lightweight method's config (or its ``to_dict()`` form, with ``peft_type``); its
+            ``target_modules`` decide which weights are adapted. A copy is kept: an MPOConfig gets
+            ``train_central=True`` (its central tensor is W_extra) and its ``modules_to_save`` move to this config;
+            LoRA with ``use_dora=True`` is refused. None (default): ``LoraConfig()`` with PEFT's defaults.
+        variant (`str`):
+            ``"S"`` (default, structure-aware): every component group switches on its own SRS; ``"D"`` (dynamic):
+            all group modules form one group ``"model"`` that switches at once. Case-insensitive.
+        delta (`float`):
+            Switch threshold in [0, 1]: a group switches when its SRS > delta, strictly (default 0.5; paper: best
+            0.45-0.6).
+        sr_interval (`Optional[int]`):
+            Measure SR(W_LFT) and SR(W_FFT) every this many optimizer steps. None (default): the decision period
+            (``decide_every``, or ``steps_per_epoch`` with ``srs_window``) divided by ``srs_window`` or 5, at least 1;
+            with ``switch_at`` nothing is measured.
+        decide_every (`Optional[int]`):
+            Evaluate SRS every this many optimizer steps. None (default): once per epoch (the ``steps_per_epoch``
+            given to the controller). Ignored when ``srs_window`` or ``switch_at`` is set.
+        srs_window (`Optional[int]`):
+            If set (paper: 3 or 5), evaluate SRS as soon as this many new measurements have accumulated instead of
+            every ``decide_every`` steps. None (default): decide every ``decide_every`` steps.
+        groups (`Optional[Dict[str, List[str]]]`):
+            Component groups ``{name: [regex, ...]}`` (a single regex is accepted) searched in module names, the
+            first matching group wins; only adapted Linear/Conv1D modules in a group get a W_extra. None (default):
+            ``DEFAULT_GROUPS``, attention / ffn1 / ffn2 for BERT, RoBERTa, DistilBERT, GPT-2 and Llama-style names;
+            on a model none of them matches, one group ``"model"`` of all adapted Linear/Conv1D modules (a warning).
+        sr_target (`str`):
+            ``"weight"`` (default, the paper): stable rank of ``W = W_core + W_extra``; ``"delta"``: of ``W - W0``.
+        extra_dtype (`Optional[str]`):
+            ``"float32"``, ``"float16"`` or ``"bfloat16"``: store W_extra in that dtype in the adapter file (float16
+            and bfloat16 halve it, but the reloaded model is then not bit-identical); None (default): as trained.
+        switch_at (`Optional[float]`):
+            Fixed-switch control (paper Table 5): switch every group after ``round(switch_at * total_steps)``
+            optimizer steps, without measuring (the controller needs ``total_steps``; 0 switches at once). A
+            fraction in [0, 1]; None (default): the switch is decided by SRS.
+        init_weights (`bool`):
+            True (default): W_extra starts at zero (the model equals the wrapped method's); False: small seeded
+            random W_extra (0.02 times the std of the weight, or of the MPO central tensor; for tests).
+        modules_to_save (`Optional[List[str]]`):
+            Modules trained in full and saved with the adapter (e.g. the task head; PEFT adds the classifier itself
+            for ``task_type="SEQ_CLS"``); the wrapped config's ``modules_to_save`` are moved here. None (default):
+            none.
+        seed (`int`):
+            Seed of the random W_extra used with ``init_weights=False`` (default 0).
+        target_modules (`Optional[Union[List[str], str]]`):
+            Shortcut: if set, replaces the wrapped config's ``target_modules`` (which decide what is adapted; the
+            group patterns then decide which adapted modules get a W_extra). None (default): the wrapped config's.
     """
 
     adapter: Any = field(

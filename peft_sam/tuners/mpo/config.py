@@ -21,6 +21,41 @@ class MPOConfig(PeftConfig):
     ``A`` train. The layer computes ``y = x (W0 + MPO(A) - MPO(A0))^T + b`` with ``A0`` the initial auxiliaries, so
     the adapted model equals the base model exactly before training. The adapter file holds the trained and the
     initial auxiliaries (about 10-25 % of ``W`` untruncated); ``C`` is recomputed from ``W0`` and ``A0`` on load.
+
+    Args:
+        num_factors (`int`):
+            Number of local tensors ``n`` per weight, at least 2 (default 5, as MPOP); the central one, index
+            ``(n - 1) // 2``, stays frozen. Both weight dimensions are factorised automatically into ``n`` factors
+            (ordered to minimise the parameter count) unless ``factor_overrides`` gives them.
+        factor_overrides (`Optional[Dict[str, List[Optional[List[int]]]]]`):
+            Per-module factorisation ``{key: [row factors, col factors]}``: a key matches a module whose name ends
+            with it or that it matches as a regex (PEFT's ``rank_pattern`` rule, the first matching key wins). Row
+            factors multiply to ``out_features``, col factors to ``in_features``; either list may be None
+            (automatic), not both; the lists' length sets that module's ``n``. A key that matches no adapted module
+            is an error. None (default): automatic factors everywhere.
+        max_bond (`Optional[int]`):
+            Truncate every bond dimension of the decomposition to at most this value (fewer trainable parameters;
+            the adapted model still equals the base model before training). None (default): exact, untruncated.
+        train_central (`bool`):
+            False (default, MPOP lightweight): the central tensor stays frozen and out of the adapter file. True
+            (MPOP "full"): it trains as well, as a zero-initialised offset ``C - C0`` that is saved.
+        target_modules (`Optional[Union[List[str], str]]`):
+            Modules to adapt (Linear or transformers Conv1D only): a list of names (exact match or name suffix), a
+            regex (full match), or ``"all-linear"`` (every Linear/Conv1D layer except a transformers model's output
+            layer: the output embedding or, with ``task_type="SEQ_CLS"``, the classification head). None (default):
+            every Linear/Conv1D layer except those in ``modules_to_save`` and the output embedding layer.
+        exclude_modules (`Optional[Union[List[str], str]]`):
+            Modules never to adapt, matched like ``target_modules`` (a list of names or suffixes, or a regex).
+            None (default): no exclusion.
+        init_weights (`bool`):
+            True (default): the auxiliaries start at the decomposition (zero delta, the adapted model equals the base
+            model); False: auxiliaries perturbed by seeded noise of 10 % of each tensor's RMS, a non-zero delta
+            (for tests).
+        seed (`int`):
+            Seed of the perturbation used with ``init_weights=False`` (combined with each module's name; default 0).
+        modules_to_save (`Optional[List[str]]`):
+            Modules apart from the adapted ones that are trained in full and saved with the adapter (e.g. the task
+            head; PEFT adds the classifier itself for ``task_type="SEQ_CLS"``). None (default): none.
     """
 
     num_factors: int = field(

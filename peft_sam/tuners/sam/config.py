@@ -24,14 +24,57 @@ class SAMConfig(PeftConfig):
     trained offsets (a 1-D parameter); every other entry keeps its pre-trained value exactly. Gradient-based
     selections (``sam``, ``fisher``) need a calibration pass: call :func:`peft_sam.select_parameters` after
     ``get_peft_model`` and before creating the optimizer. Data-free selections happen inside ``get_peft_model``.
+
+    Args:
+        p (`float`):
+            Fraction of entries to train, in (0, 1] (default 0.005). ``per_tensor`` scope: each candidate tensor gets
+            ``int(p * numel)`` entries (none if that is 0); ``global``: ``int(p * total)`` over all candidates.
+            Ignored by ``selection="bitfit"``.
+        target_modules (`Optional[Union[List[str], str]]`):
+            Modules to adapt: a list of names (exact match or name suffix), a regex (full match), or ``"all-linear"``
+            (every Linear/Conv1D layer except a transformers model's output layer: the output embedding or, with
+            ``task_type="SEQ_CLS"``, the classification head). None (default): every supported module of the model
+            (Linear, Conv1D, Embedding, Conv1d/2d/3d and norm layers), except those in ``modules_to_save``.
+        exclude_modules (`Optional[Union[List[str], str]]`):
+            Modules never to adapt, matched like ``target_modules`` (a list of names or suffixes, or a regex).
+            None (default): no exclusion.
+        selection (`Literal["sam", "fisher", "magnitude", "random", "bitfit"]`):
+            How the entries are chosen. ``"sam"`` (default): largest ``|sum of clipped calibration gradients|``;
+            ``"fisher"``: largest sum of squared clipped gradients (both need :func:`peft_sam.select_parameters`);
+            ``"magnitude"``: largest ``|theta_0|``; ``"random"``: seeded uniform scores; ``"bitfit"``: every bias of
+            the adapted modules (``p`` and ``scope`` ignored). The last three are chosen inside ``get_peft_model``.
+        scope (`Literal["per_tensor", "global"]`):
+            ``"per_tensor"`` (default, as the reference code): the top ``int(p * numel)`` entries of each tensor;
+            ``"global"``: the top ``int(p * total)`` entries over all candidate tensors together.
+        include_bias (`bool`):
+            Whether the biases of the adapted modules are candidates as well as their weights (default True; must be
+            True for ``selection="bitfit"``).
+        num_calibration_batches (`int`):
+            Training batches :func:`peft_sam.select_parameters` uses for ``sam``/``fisher`` (default 600, as the
+            reference code; fewer if the dataloader is shorter; its ``num_batches`` argument overrides it).
+        calibration_clip_norm (`Optional[float]`):
+            Each calibration batch's gradient is scaled down to at most this global norm before it is summed
+            (default 1.0); None: no clipping. The ``clip_norm`` argument of ``select_parameters`` overrides it.
+        seed (`int`):
+            Seed of ``selection="random"`` (one stream per tensor, from the seed and the module name) and of the
+            random initial offsets with ``init_weights=False`` (default 0).
+        save_dtype (`Optional[str]`):
+            ``"float32"``, ``"float16"`` or ``"bfloat16"``: store the trained values in that dtype in the adapter file
+            (indices are unaffected); None (default): in the dtype they were trained in.
+        init_weights (`bool`):
+            True (default): the offsets start at zero, so the adapted model equals the base model; False: small
+            random non-zero offsets (for tests).
+        modules_to_save (`Optional[List[str]]`):
+            Modules apart from the adapted ones that are trained in full and saved with the adapter (e.g. the task
+            head; PEFT adds the classifier itself for ``task_type="SEQ_CLS"``). None (default): none.
     """
 
     p: float = field(default=0.005, metadata={"help": "Fraction of entries to train, in (0, 1]."})
     target_modules: list[str] | str | None = field(
         default=None,
         metadata={
-            "help": "Module names or a regex to adapt; None = every supported backbone module (Linear, Conv1D, "
-            "Embedding, norm layers), excluding modules_to_save."
+            "help": "Module names or a regex to adapt, or 'all-linear'; None = every supported backbone module "
+            "(Linear, Conv1D, Embedding, norm layers), excluding modules_to_save."
         },
     )
     exclude_modules: list[str] | str | None = field(
