@@ -1,11 +1,12 @@
-"""Helpers shared by the peft-sam tuners (target matching, adapter-config lookup, module replacement)."""
+"""Helpers shared by the peft-sam tuners (target matching, adapter-config lookup, module replacement, the base of the
+SAM and MPO tuner models)."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
 
-from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule, check_target_module_exists
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
@@ -81,3 +82,53 @@ class UnloadKeepsModules:
         if hasattr(new_module, "base_layer"):  # injecting a tuner layer
             return super()._replace_module(parent, child_name, new_module, child)
         setattr(parent, child_name, new_module)
+
+
+class LeafTunerModel(UnloadKeepsModules, BaseTuner):
+    """Base of a tuner model that wraps single leaf modules in its own layers (``SAMModel``, ``MPOModel``).
+
+    ``target_modules=None`` means "every supported module". A subclass sets ``prefix``, ``tuner_layer_cls``,
+    ``tuner_kind`` and ``supported_modules_text`` (both for the error on an unsupported module) and
+    ``layer_class_for``; it may override ``_is_supported`` (which modules ``target_modules=None`` picks) and
+    ``_layer_kwargs`` (extra arguments of its layer's constructor and ``update_layer``).
+    """
+
+    target_module_mapping: dict[str, list[str]] = {}
+    tuner_kind: str  # "SAM": the tuner's name in error messages
+    supported_modules_text: str  # "nn.Linear and transformers Conv1D": what the error lists as supported
+
+    @staticmethod
+    def layer_class_for(module: nn.Module) -> type | None:
+        """The tuner layer class that can wrap ``module``, or None if it is not supported."""
+        raise NotImplementedError
+
+    def _is_supported(self, module: nn.Module) -> bool:
+        """Whether ``target_modules=None`` adapts ``module``."""
+        return self.layer_class_for(module) is not None
+
+    def _layer_kwargs(self, current_key: str) -> dict:
+        """Extra keyword arguments for the layer's constructor and ``update_layer`` at module ``current_key``."""
+        return {}
+
+    def _prepare_adapter_config(self, peft_config, model_config: dict):
+        return peft_config  # target_modules=None means "every supported module", resolved per module below
+
+    def _check_target_module_exists(self, peft_config, key: str):
+        return match_supported_module(self.model, peft_config, key, self.tuner_layer_cls, self._is_supported)
+
+    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        layer_kwargs = self._layer_kwargs(current_key)
+        if isinstance(target, self.tuner_layer_cls):
+            target.update_layer(adapter_name, peft_config, **layer_kwargs)
+            return
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        layer_cls = self.layer_class_for(base)
+        if layer_cls is None:
+            raise TypeError(
+                f"{self.tuner_kind} cannot adapt module {current_key!r} of type {type(base).__name__}: supported are "
+                f"{self.supported_modules_text}. Remove it from target_modules or add it to exclude_modules."
+            )
+        new_module = layer_cls(target, adapter_name, peft_config, **layer_kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)

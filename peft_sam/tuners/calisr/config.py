@@ -43,7 +43,7 @@ DEFAULT_GROUPS: dict[str, list[str]] = {
     ],
 }
 
-# PEFT types CaliSr can wrap: each maps W = W_core + W_extra as in SPEC section 6.
+# PEFT types CaliSr can wrap: each splits a weight as W = W_core + W_extra (docs/calisr.md).
 SUPPORTED_ADAPTER_TYPES = ("LORA", "SAM", "MPO")
 
 
@@ -248,7 +248,7 @@ class CaliSrConfig(PeftConfig):
         if kind not in SUPPORTED_ADAPTER_TYPES:
             raise ValueError(
                 f"CaliSr cannot wrap a {type(self.adapter).__name__} ({kind}): it supports {_supported_type_names()}, "
-                "the methods whose weights split into W_core + W_extra (SPEC section 6)."
+                "the methods whose weights split into W_core + W_extra (see docs/calisr.md)."
             )
         if kind == "LORA" and getattr(self.adapter, "use_dora", False):
             raise ValueError("CaliSr does not support LoRA with use_dora=True: use a plain LoraConfig.")

@@ -169,7 +169,7 @@ class CaliSrController:
             matrices took 58-72 % of a CaliSr run's training time).
         measure_threads: threads per LAPACK call while measuring (default 1; None keeps the process setting). LAPACK's
             SVD/eigensolvers gain nothing from threads on BERT-size matrices, and on a busy machine their thread
-            barriers cost 5-25x (this project's 2-core CPU: 1.2 s vs 7-33 s for MiniLM's 36 matrices). On CPU the
+            barriers cost 5-25x (measured on a busy 2-core CPU: 1.2 s vs 7-33 s for MiniLM's 36 matrices). On CPU the
             process's threads instead work on different matrices at once.
     """
 

@@ -6,18 +6,22 @@ import copy
 import re
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule
+from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from torch import nn
 
-from .._common import UnloadKeepsModules, match_supported_module
+from .._common import LeafTunerModel
 from .config import MPOConfig
 from .layer import SUPPORTED_MODULES, Linear, MPOLayer, override_key_for, resolve_factors
 
 _UPCAST_DTYPES = (torch.float16, torch.bfloat16)
 
 
-class MPOModel(UnloadKeepsModules, BaseTuner):
+def _mpo_layer_class_for(module: nn.Module) -> type[MPOLayer] | None:
+    return Linear if isinstance(module, SUPPORTED_MODULES) else None
+
+
+class MPOModel(LeafTunerModel):
     """Lightweight fine-tuning of the auxiliary tensors of an MPO decomposition of each weight (MPOP).
 
     Created through ``peft.get_peft_model(model, MPOConfig(...))`` once ``peft_sam`` is imported.
@@ -25,36 +29,17 @@ class MPOModel(UnloadKeepsModules, BaseTuner):
 
     prefix: str = "mpo_"
     tuner_layer_cls = MPOLayer
-    target_module_mapping: dict[str, list[str]] = {}
+    tuner_kind = "MPO"
+    supported_modules_text = "nn.Linear and transformers Conv1D"
+    layer_class_for = staticmethod(_mpo_layer_class_for)
 
-    def _prepare_adapter_config(self, peft_config: MPOConfig, model_config: dict) -> MPOConfig:
-        return peft_config  # target_modules=None means "every Linear/Conv1D", resolved per module below
-
-    def _check_target_module_exists(self, peft_config: MPOConfig, key: str):
+    def _is_supported(self, module: nn.Module) -> bool:
+        # as PEFT's "all-linear": not the output embedding layer (often tied to the input embeddings)
         output = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        return match_supported_module(
-            self.model,
-            peft_config,
-            key,
-            MPOLayer,
-            # as PEFT's "all-linear": not the output embedding layer (often tied to the input embeddings)
-            lambda m: isinstance(m, SUPPORTED_MODULES) and m is not output,
-        )
+        return isinstance(module, SUPPORTED_MODULES) and module is not output
 
-    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        if isinstance(target, MPOLayer):
-            target.update_layer(adapter_name, peft_config, module_name=current_key)
-            return
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(base, SUPPORTED_MODULES):
-            raise TypeError(
-                f"MPO cannot adapt module {current_key!r} of type {type(base).__name__}: supported are nn.Linear "
-                "and transformers Conv1D. Remove it from target_modules or add it to exclude_modules."
-            )
-        new_module = Linear(target, adapter_name, peft_config, module_name=current_key)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+    def _layer_kwargs(self, current_key: str) -> dict:
+        return {"module_name": current_key}  # per-module factor_overrides
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
         """Check ``factor_overrides`` against the model before any module is replaced, then inject."""

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from .._common import UnloadKeepsModules, match_supported_module
+from .._common import LeafTunerModel
 from .batched import BatchedStep
-from .config import SAMConfig
 from .layer import (
     TENSOR_SLOTS,
     SAMLayer,
@@ -19,7 +17,7 @@ from .layer import (
 from .mask_functions import select_data_free
 
 
-class SAMModel(UnloadKeepsModules, BaseTuner):
+class SAMModel(LeafTunerModel):
     """Sparse fine-tuning of the entries with the largest gradient signal at the pre-trained point (SAM).
 
     Created through ``peft.get_peft_model(model, SAMConfig(...))`` once ``peft_sam`` is imported.
@@ -27,32 +25,11 @@ class SAMModel(UnloadKeepsModules, BaseTuner):
 
     prefix: str = "sam_"
     tuner_layer_cls = SAMLayer
-    target_module_mapping: dict[str, list[str]] = {}
-
-    def _prepare_adapter_config(self, peft_config: SAMConfig, model_config: dict) -> SAMConfig:
-        return peft_config  # target_modules=None means "every supported module", resolved per module below
-
-    def _check_target_module_exists(self, peft_config: SAMConfig, key: str):
-        return match_supported_module(
-            self.model, peft_config, key, SAMLayer, lambda m: sam_layer_class_for(m) is not None
-        )
-
-    def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
-        if isinstance(target, SAMLayer):
-            target.update_layer(adapter_name, peft_config)
-            return
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        layer_cls = sam_layer_class_for(base)
-        if layer_cls is None:
-            raise TypeError(
-                f"SAM cannot adapt module {current_key!r} of type {type(base).__name__}: supported are Linear, "
-                "transformers Conv1D, Embedding, Conv and norm layers (leaf modules with only weight/bias). "
-                "Remove it from target_modules or add it to exclude_modules."
-            )
-        new_module = layer_cls(target, adapter_name, peft_config)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+    tuner_kind = "SAM"
+    supported_modules_text = (
+        "Linear, transformers Conv1D, Embedding, Conv and norm layers (leaf modules with only weight/bias)"
+    )
+    layer_class_for = staticmethod(sam_layer_class_for)
 
     def forward(self, *args, **kwargs):
         """The model's forward, with every SAM layer's base tensors brought up to date and its small tensors tapped
