@@ -18,24 +18,32 @@ import peft_sam
 from peft_sam import CaliSrConfig, get_peft_model
 
 
+def add_calisr_args(parser) -> None:
+    parser.add_argument("--extra-lr", type=float, default=2e-5, help="learning rate of W_extra (full FT)")
+    parser.add_argument("--variant", default="S", choices=["S", "D"], help="S: one group per component; D: one")
+    parser.set_defaults(epochs=2)
+
+
+def calisr_model(args, model_path: str):
+    """CaliSr around LoRA (r 8 on every attention and FFN matrix), and its optimizer groups with their own lrs."""
+    base = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
+    lora = LoraConfig(r=8, target_modules=["query", "key", "value", "dense"], task_type="SEQ_CLS")
+    model = get_peft_model(base, CaliSrConfig(adapter=lora, variant=args.variant, task_type="SEQ_CLS"))
+    groups = peft_sam.calisr_param_groups(model)  # core (LoRA, head) and extra (W_extra) parameter groups
+    for group in groups:
+        group["lr"] = args.extra_lr if group["calisr"] == "extra" else args.lr
+    return model, groups
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_args(parser, output_dir="runs/calisr_accelerate", lr=1e-3)
-    parser.add_argument("--extra-lr", type=float, default=2e-5, help="learning rate of W_extra (full FT)")
-    parser.add_argument("--variant", default="S", choices=["S", "D"], help="S: one group per component; D: one")
-    parser.add_argument("--cpu", action="store_true")
-    parser.set_defaults(epochs=2)
+    add_calisr_args(parser)
     args = parser.parse_args()
 
     accelerator = Accelerator(cpu=args.cpu)
     model_path, data, collator, train_dl, eval_dl = dataloaders(args)
-    base = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
-    lora = LoraConfig(r=8, target_modules=["query", "key", "value", "dense"], task_type="SEQ_CLS")
-    model = get_peft_model(base, CaliSrConfig(adapter=lora, variant=args.variant, task_type="SEQ_CLS"))
-
-    groups = peft_sam.calisr_param_groups(model)  # core (LoRA, head) and extra (W_extra) parameter groups
-    for group in groups:
-        group["lr"] = args.extra_lr if group["calisr"] == "extra" else args.lr
+    model, groups = calisr_model(args, model_path)
     optimizer = torch.optim.AdamW(groups)
 
     def make_step(model, optimizer, steps_per_epoch, total_steps):

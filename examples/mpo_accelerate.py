@@ -19,7 +19,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_args(parser, output_dir="runs/mpo_accelerate", lr=5e-4)
     parser.add_argument("--num-factors", type=int, default=5, help="local tensors per weight (MPOP: 5)")
-    parser.add_argument("--cpu", action="store_true")
     args = parser.parse_args()
 
     accelerator = Accelerator(cpu=args.cpu)

@@ -53,6 +53,7 @@ def add_args(parser, output_dir: str, lr: float) -> None:
     parser.add_argument("--max-train-samples", type=int, default=1000, help="0: all 3668 pairs")
     parser.add_argument("--max-eval-samples", type=int, default=0, help="0: all 408 pairs")
     parser.add_argument("--output-dir", default=output_dir)
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
 
 
 def dataloaders(args):

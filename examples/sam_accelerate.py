@@ -62,7 +62,6 @@ def main() -> None:
     add_args(parser, output_dir="runs/sam_accelerate", lr=5e-4)
     parser.add_argument("--p", type=float, default=0.005)
     parser.add_argument("--calibration-batches", type=int, default=50, help="the SAM reference uses 600")
-    parser.add_argument("--cpu", action="store_true")
     args = parser.parse_args()
 
     accelerator = Accelerator(cpu=args.cpu)

@@ -18,6 +18,29 @@ def accuracy(prediction) -> dict[str, float]:
     return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
 
 
+def make_trainer(args, model, data, collator, **kwargs) -> Trainer:
+    """A ``Trainer`` evaluating accuracy every epoch, saving no checkpoints; ``kwargs`` go to ``Trainer``."""
+    return Trainer(
+        model=model,
+        args=TrainingArguments(
+            output_dir=args.output_dir,
+            learning_rate=args.lr,
+            num_train_epochs=args.epochs,
+            per_device_train_batch_size=args.batch_size,
+            per_device_eval_batch_size=64,
+            eval_strategy="epoch",
+            save_strategy="no",
+            report_to=[],
+            use_cpu=args.cpu,
+        ),
+        train_dataset=data["train"],
+        eval_dataset=data["validation"],
+        data_collator=collator,
+        compute_metrics=accuracy,
+        **kwargs,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_args(parser, output_dir="runs/sam_trainer", lr=5e-4)
@@ -32,23 +55,7 @@ def main() -> None:
     )
     peft_sam.select_parameters(model, calibration, num_batches=args.calibration_batches)
 
-    trainer = Trainer(
-        model=model,
-        args=TrainingArguments(
-            output_dir=args.output_dir,
-            learning_rate=args.lr,
-            num_train_epochs=args.epochs,
-            per_device_train_batch_size=args.batch_size,
-            per_device_eval_batch_size=64,
-            eval_strategy="epoch",
-            save_strategy="no",
-            report_to=[],
-        ),
-        train_dataset=data["train"],
-        eval_dataset=data["validation"],
-        data_collator=collator,
-        compute_metrics=accuracy,
-    )
+    trainer = make_trainer(args, model, data, collator)
     trainer.train()
     print(trainer.evaluate())
     model.save_pretrained(f"{args.output_dir}/adapter")  # indices + values; PeftModel.from_pretrained loads it

@@ -4,8 +4,10 @@ SAM and MPO tuner models)."""
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 
+import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
@@ -132,3 +134,37 @@ class LeafTunerModel(UnloadKeepsModules, BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+
+class AdditiveDeltaLayer:
+    """Mixin for a tuner layer whose adapted weight is ``W0 + get_delta_weight`` (MPO, CaliSr)."""
+
+    def unmerge(self) -> None:
+        """Subtract the merged adapters' deltas again, newest first (the base weight is restored to float rounding)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            delta = self._merged_delta(self.merged_adapters[-1])
+            if delta is not None:
+                with torch.no_grad():
+                    weight.data -= delta.to(weight.dtype)
+            self.merged_adapters.pop()
+        self._after_unmerge()
+
+    def _merged_delta(self, adapter: str):
+        """What merging ``adapter`` added to the base weight (None: nothing)."""
+        return self.get_delta_weight(adapter)
+
+    def _after_unmerge(self) -> None:
+        """Hook run once every merged adapter was subtracted."""
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:  # noqa: D102
+        return True
+
+    def disabled_forward(self, x, *args, **kwargs):
+        """The base module's output with the adapters disabled (unmerged first, if merged)."""
+        if self.merged:
+            self.unmerge()
+        return self.base_layer(x, *args, **kwargs)

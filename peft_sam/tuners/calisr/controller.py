@@ -633,19 +633,8 @@ class CaliSrController:
         if all(len(self._full_group(gi)) == len(g["params"]) for gi, g in enumerate(groups)):
             return None
         position = {id(p): i for i, p in enumerate(p for g in groups for p in g["params"])}
-        new_groups, new_state, index = [], {}, 0
-        for gi, saved in enumerate(state_dict["param_groups"]):
-            ids = []
-            for p in self._full_group(gi):
-                old = position.get(id(p))
-                if old is not None and old in state_dict["state"]:
-                    new_state[index] = state_dict["state"][old]
-                ids.append(index)
-                index += 1
-            entry = {k: v for k, v in saved.items() if k != "param_names"}
-            entry["params"] = ids
-            new_groups.append(entry)
-        return {"state": new_state, "param_groups": new_groups}
+        sources = [[position.get(id(p)) for p in self._full_group(gi)] for gi in range(len(saved))]
+        return _renumbered(state_dict, sources)
 
     def _optimizer_load_state_dict_pre_hook(self, optimizer, state_dict: dict) -> dict | None:
         """Map a full-layout optimizer state onto the current groups (dropping the state of switched W_extra)."""
@@ -657,21 +646,11 @@ class CaliSrController:
             return None
         if not all(len(s["params"]) == len(self._full_group(gi)) for gi, s in enumerate(saved_groups)):
             return None  # not ours: let torch raise its size-mismatch error
-        new_groups, new_state, index = [], {}, 0
+        sources = []
         for gi, saved in enumerate(saved_groups):
             present = {id(p) for p in groups[gi]["params"]}
-            ids = []
-            for p, saved_index in zip(self._full_group(gi), saved["params"]):
-                if id(p) not in present:
-                    continue
-                if saved_index in state_dict["state"]:
-                    new_state[index] = state_dict["state"][saved_index]
-                ids.append(index)
-                index += 1
-            entry = {k: v for k, v in saved.items() if k != "param_names"}
-            entry["params"] = ids
-            new_groups.append(entry)
-        return {"state": new_state, "param_groups": new_groups}
+            sources.append([i for p, i in zip(self._full_group(gi), saved["params"]) if id(p) in present])
+        return _renumbered(state_dict, sources)
 
     # ------------------------------------------------------------------ checkpointing (accelerate.save_state)
     def state_dict(self) -> dict:
@@ -747,6 +726,23 @@ except ImportError:  # pragma: no cover
     _TrainerCallback = _CallbackBase
 
 CONTROLLER_STATE_NAME = "calisr_controller.pt"
+
+
+def _renumbered(state_dict: dict, sources: list[list[int | None]]) -> dict:
+    """An optimizer state dict whose group ``g`` holds, in order, the saved parameters ``sources[g]`` (a saved index,
+    or None for a parameter without state), numbered afresh from 0."""
+    new_groups, new_state, index = [], {}, 0
+    for saved, group_sources in zip(state_dict["param_groups"], sources):
+        ids = []
+        for old in group_sources:
+            if old is not None and old in state_dict["state"]:
+                new_state[index] = state_dict["state"][old]
+            ids.append(index)
+            index += 1
+        entry = {k: v for k, v in saved.items() if k != "param_names"}
+        entry["params"] = ids
+        new_groups.append(entry)
+    return {"state": new_state, "param_groups": new_groups}
 
 
 class CaliSrCallback(_TrainerCallback):

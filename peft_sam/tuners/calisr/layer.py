@@ -15,7 +15,6 @@ structurally: all tensors of a tuner layer except its ``base_layer``). The layer
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -23,6 +22,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from torch import nn
 from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
+
+from .._common import AdditiveDeltaLayer
 
 MPO_EXTRA_NAME = "mpo_central_delta"
 
@@ -69,7 +70,7 @@ def _mpo_delta64(inner, adapter_name: str) -> torch.Tensor | None:
     return delta.permute(order).reshape(-1)
 
 
-class CaliSrLayer(BaseTunerLayer):
+class CaliSrLayer(AdditiveDeltaLayer, BaseTunerLayer):
     """Mixin holding the W_extra part of every CaliSr adapter on one inner tuner layer."""
 
     adapter_layer_names = ("calisr_extra",)
@@ -266,30 +267,21 @@ class CaliSrLayer(BaseTunerLayer):
                 weight.data += self.calisr_extra[adapter].detach().to(weight.dtype)
         self.merged_adapters.extend(adapter_names)
 
-    def unmerge(self) -> None:
-        """Subtract W_extra again and unmerge the inner layer (base weight restored to float rounding)."""
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
-            return
-        weight = self.get_base_layer().weight
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            if self.inner_kind != "MPO" and adapter in self.calisr_extra:
-                with torch.no_grad():
-                    weight.data -= self.calisr_extra[adapter].detach().to(weight.dtype)
+    def _merged_delta(self, adapter: str):
+        """W_extra (merging also merged the inner layer, undone in :meth:`_after_unmerge`); MPO's lives inside."""
+        if self.inner_kind != "MPO" and adapter in self.calisr_extra:
+            return self.calisr_extra[adapter].detach()
+        return None
+
+    def _after_unmerge(self) -> None:
         if self.inner.merged:
             self.inner.unmerge()
-
-    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:  # noqa: D102
-        return True  # additive: W0 + get_delta_weight
 
     # ------------------------------------------------------------------ forward
     def dispatch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``inner(x)`` with ``W0`` replaced by ``W0 + sum of active W_extra`` (LoRA/SAM), else ``inner(x)``."""
         if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+            return self.disabled_forward(x, *args, **kwargs)
         if self.merged or self.inner_kind == "MPO":
             return self.base_layer(x, *args, **kwargs)
         extras = [self.calisr_extra[a] for a in self.active_adapters if a in self.calisr_extra]

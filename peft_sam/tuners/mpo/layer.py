@@ -19,7 +19,6 @@ reuses it for the backward pass and no second W-sized tensor is stored besides `
 from __future__ import annotations
 
 import re
-import warnings
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .._common import AdditiveDeltaLayer
 from .decompose import central_from_weight, central_index, mpo_bond_dims, mpo_decompose, mpo_shapes
 
 SUPPORTED_MODULES = (nn.Linear, Conv1D)
@@ -109,7 +109,7 @@ def _version(t: torch.Tensor) -> int:
         return -1
 
 
-class MPOLayer(BaseTunerLayer):
+class MPOLayer(AdditiveDeltaLayer, BaseTunerLayer):
     """Mixin holding the MPO tensors of every adapter on one base Linear/Conv1D module."""
 
     adapter_layer_names = ("mpo_aux", "mpo_central_delta")
@@ -304,29 +304,11 @@ class MPOLayer(BaseTunerLayer):
                     weight.data += delta
             self.merged_adapters.append(adapter)
 
-    def unmerge(self) -> None:
-        """Subtract the merged deltas again (the base weight is restored to float rounding)."""
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
-            return
-        weight = self.get_base_layer().weight
-        while self.merged_adapters:
-            adapter = self.merged_adapters[-1]
-            delta = self.get_delta_weight(adapter)
-            with torch.no_grad():
-                weight.data -= delta
-            self.merged_adapters.pop()
-
-    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:  # noqa: D102
-        return True  # additive: W0 + get_delta_weight
-
     # ------------------------------------------------------------------ forward
     def dispatch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Base output, or ``x (W0 + sum of active deltas)^T + b`` unless disabled or merged."""
         if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+            return self.disabled_forward(x, *args, **kwargs)
         active = [a for a in self.active_adapters if a in self.mpo_aux]
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)

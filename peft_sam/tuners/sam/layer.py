@@ -589,17 +589,24 @@ class SAMLayer(BaseTunerLayer):
         return "sam." + super().__repr__()
 
 
-class Linear(nn.Module, SAMLayer):
-    """SAM on ``nn.Linear`` (weight [out, in]) or transformers ``Conv1D`` (GPT-2 style, weight [in, out])."""
+class _LeafLayer(nn.Module, SAMLayer):
+    """A SAM layer around one leaf module: the constructor and forward every layer type shares."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs: Any) -> None:
         super().__init__()
         SAMLayer.__init__(self, base_layer, **kwargs)
-        self.is_conv1d = isinstance(self.get_base_layer(), Conv1D)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
     forward = SAMLayer.dispatch_forward
+
+
+class Linear(_LeafLayer):
+    """SAM on ``nn.Linear`` (weight [out, in]) or transformers ``Conv1D`` (GPT-2 style, weight [in, out])."""
+
+    @property
+    def is_conv1d(self) -> bool:
+        return isinstance(self.get_base_layer(), Conv1D)
 
     def _sam_forward(self, x, adapters, tensors, *args, **kwargs) -> torch.Tensor:
         base = self.get_base_layer()
@@ -626,16 +633,8 @@ class Linear(nn.Module, SAMLayer):
         return SampledLinear.apply(x, weight, bias, (w_patterns, b_patterns, self.is_conv1d), *values)
 
 
-class Embedding(nn.Module, SAMLayer):
+class Embedding(_LeafLayer):
     """SAM on ``nn.Embedding``: a plain lookup in the table (which holds W0 + Delta); entries' gradients by row."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs: Any) -> None:
-        super().__init__()
-        SAMLayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
-
-    forward = SAMLayer.dispatch_forward
 
     def _sam_forward(self, x, adapters, tensors, *args, **kwargs) -> torch.Tensor:
         base = self.get_base_layer()
@@ -654,20 +653,12 @@ class Embedding(nn.Module, SAMLayer):
         return SampledEmbedding.apply(x, base.weight, base.padding_idx, tables, *values)
 
 
-class Functional(nn.Module, SAMLayer):
+class Functional(_LeafLayer):
     """SAM on any other leaf module whose only parameters are ``weight``/``bias`` (LayerNorm, RMSNorm, conv, ...).
 
     The module's own forward runs on its base tensors (which hold W0 + Delta); the entries' gradients are read off
     the dense gradient its backward computes (these tensors are small, or a conv kernel).
     """
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config, **kwargs: Any) -> None:
-        super().__init__()
-        SAMLayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
-
-    forward = SAMLayer.dispatch_forward
 
     def _sam_forward(self, x, adapters, tensors, *args, **kwargs) -> torch.Tensor:
         base = self.get_base_layer()
