@@ -15,6 +15,7 @@ from peft_sam.tuners.mpo.decompose import (
     mpo_decompose,
     mpo_num_params,
     mpo_shapes,
+    site_count,
 )
 
 
@@ -86,9 +87,18 @@ def test_shapes_default_mpop_768():
 @pytest.mark.parametrize("shape", [(384, 384), (1536, 384), (384, 1536), (3072, 768), (30, 7)])
 def test_shapes_auto(shape):
     rows, cols = mpo_shapes(*shape)
-    assert len(rows) == len(cols) == 5
+    sites = 5 if shape[0] >= 384 else 3  # 30 x 7: 210 entries, log_4 -> 3 sites
+    assert len(rows) == len(cols) == sites == site_count(*shape, 5)
     assert math.prod(rows) == shape[0] and math.prod(cols) == shape[1]
-    assert sorted(rows) == list(factorize(shape[0])) and sorted(cols) == list(factorize(shape[1]))
+    assert sorted(rows) == list(factorize(shape[0], sites)) and sorted(cols) == list(factorize(shape[1], sites))
+
+
+@pytest.mark.parametrize("shape", [(20, 10), (10, 20), (7, 11), (2, 20), (32, 48), (64, 32), (16, 16), (768, 768)])
+def test_no_site_is_a_scalar_and_small_weights_get_fewer_sites(shape):
+    rows, cols = mpo_shapes(*shape)
+    assert 2 <= len(rows) <= 5
+    assert 4 ** len(rows) <= shape[0] * shape[1] or len(rows) == 2
+    assert not [k for k, (i, j) in enumerate(zip(rows, cols)) if i == 1 and j == 1], (rows, cols)
 
 
 def test_shapes_overrides():

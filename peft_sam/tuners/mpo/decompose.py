@@ -35,6 +35,7 @@ __all__ = [
     "mpo_decompose",
     "mpo_num_params",
     "mpo_shapes",
+    "site_count",
 ]
 
 # Above this many (row order, column order) candidates `mpo_shapes` stops searching exhaustively.
@@ -44,6 +45,33 @@ _MAX_ARRANGEMENTS = 40_000
 def central_index(num_factors: int) -> int:
     """Index of the central tensor of an ``num_factors``-site MPO: ``(n - 1) // 2``."""
     return (num_factors - 1) // 2
+
+
+def site_count(out_features: int, in_features: int, num_factors: int) -> int:
+    """Sites for an ``[out, in]`` weight: ``num_factors``, fewer for a small weight (at least 2).
+
+    At most as many as the prime factors of ``out`` and ``in`` together (so no site is a 1 x 1 scalar that scales
+    the whole matrix), and at most ``log_4(out * in)`` (sites of 4 entries on average or more: a chain of tiny
+    sites multiplies its updates, and on a 20 x 10 weight five sites diverge at learning rates where LoRA does not).
+    BERT-size weights keep 5 sites.
+    """
+    by_primes = _num_prime_factors(out_features) + _num_prime_factors(in_features)
+    by_size = int(math.log(out_features * in_features) / math.log(4) + 1e-9)
+    sites = min(num_factors, by_primes, by_size)
+    if sites < num_factors and sites > 2 and sites % 2 == 0:
+        sites -= 1  # an odd count keeps the central tensor in the middle (no auxiliary as large as the weight)
+    return max(2, sites)
+
+
+def _num_prime_factors(n: int) -> int:
+    """Prime factors of ``n`` counted with multiplicity (12 -> 3)."""
+    count, p = 0, 2
+    while p * p <= n:
+        while n % p == 0:
+            n //= p
+            count += 1
+        p += 1
+    return count + (n > 1)
 
 
 def _divisors(n: int) -> list[int]:
@@ -176,11 +204,13 @@ def _arrange(
     best = None
     for r in row_orders:
         for c in col_orders:
-            key = (mpo_num_params(r, c), r, c)
+            # a site with i_k = j_k = 1 is a scalar that scales the whole matrix: avoided whenever possible
+            scalar_sites = sum(i == 1 and j == 1 for i, j in zip(r, c))
+            key = (scalar_sites, mpo_num_params(r, c), r, c)
             if best is None or key < best:
                 best = key
     assert best is not None
-    return best[1], best[2]
+    return best[2], best[3]
 
 
 def mpo_shapes(
@@ -201,6 +231,8 @@ def mpo_shapes(
         num_factors = len(tuple(row_factors))
     elif col_factors is not None:
         num_factors = len(tuple(col_factors))
+    else:
+        num_factors = site_count(int(out_features), int(in_features), num_factors)
     if row_factors is not None:
         rows = _validate_override(
             f"row_factors (out_features={out_features})", row_factors, out_features, num_factors
