@@ -670,8 +670,10 @@ def test_target_modules_shortcut_and_one_group_on_unknown_architectures():
     assert len(calisr_layers(model)) == 2
 
 
-def test_split_step_with_a_gradient_scaler_equals_the_scaled_unsplit_step():
-    """The accelerate fp16 path (AcceleratedOptimizer with a GradScaler), imitated on CPU."""
+@pytest.mark.parametrize("clip", [False, True])
+def test_split_step_with_a_gradient_scaler_equals_the_scaled_unsplit_step(clip: bool):
+    """The accelerate fp16 path (AcceleratedOptimizer with a GradScaler), imitated on CPU; with ``clip``, the loop
+    unscales and clips before the step (as ``accelerator.clip_grad_norm_`` and the Trainer do)."""
 
     class Scaled:  # what accelerate's AcceleratedOptimizer does with a scaler
         def __init__(self, optimizer):
@@ -693,6 +695,9 @@ def test_split_step_with_a_gradient_scaler_equals_the_scaled_unsplit_step():
         for model, opt in ((split, opt_split), (plain, opt_plain)):
             model.eval()
             opt.scaler.scale(model(**batch).loss).backward()
+            if clip:
+                opt.scaler.unscale_(opt.optimizer)
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 0.5)
         controller.step()
         opt_plain.step()
         opt_split.zero_grad()

@@ -386,7 +386,8 @@ class CaliSrController:
         extra_ids = {id(p) for p in extras}
         scaler = getattr(self.optimizer, "scaler", None)
         if scaler is not None:
-            scaler.unscale_(self.torch_optimizer)  # all gradients at once, as scaler.step would
+            if not _unscaled(scaler, self.torch_optimizer):  # clipping before the step may have unscaled them
+                scaler.unscale_(self.torch_optimizer)  # all gradients at once, as scaler.step would
             found_inf = sum(float(v.item()) for v in scaler._found_inf_per_device(self.torch_optimizer).values())
             if found_inf:  # the step is skipped anyway: no measurement
                 self._plain_step()
@@ -726,6 +727,14 @@ except ImportError:  # pragma: no cover
     _TrainerCallback = _CallbackBase
 
 CONTROLLER_STATE_NAME = "calisr_controller.pt"
+
+
+def _unscaled(scaler, optimizer) -> bool:
+    """Whether ``scaler.unscale_(optimizer)`` already ran this step (e.g. for gradient clipping before the step)."""
+    from torch.amp.grad_scaler import OptState
+
+    state = scaler._per_optimizer_states.get(id(optimizer)) if hasattr(scaler, "_per_optimizer_states") else None
+    return state is not None and state.get("stage") is OptState.UNSCALED
 
 
 def _renumbered(state_dict: dict, sources: list[list[int | None]]) -> dict:
