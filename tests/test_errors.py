@@ -107,15 +107,7 @@ def test_importing_peft_sam_patches_nothing_and_the_atomic_block_restores_peft()
 def test_adapter_loaded_on_a_base_with_other_shapes(tmp_path):
     model = get_peft_model(tiny_bert(0), SAMConfig(p=0.05, selection="magnitude", task_type="SEQ_CLS"))
     model.save_pretrained(tmp_path)
-    cfg = BertConfig(
-        vocab_size=64,
-        hidden_size=40,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=32,
-        num_labels=2,
-    )
+    cfg = BertConfig(**{**tiny_bert(0).config.to_dict(), "hidden_size": 40})  # the tiny BERT but 40 wide
     with pytest.raises((ValueError, RuntimeError), match="shape"):
         PeftModel.from_pretrained(BertForSequenceClassification(cfg), tmp_path)
 

@@ -5,8 +5,8 @@ import os
 
 import pytest
 import torch
-from conftest import MODEL_FACTORIES, make_batches, tiny_bert
-from peft import AutoPeftModelForSequenceClassification, PeftModel, get_peft_model
+from conftest import MODEL_FACTORIES, assert_auto_loads, assert_two_adapters, logits, make_batches, tiny_bert, train
+from peft import PeftModel, get_peft_model
 
 import peft_sam
 from peft_sam import SAMConfig, SAMLayer
@@ -25,28 +25,11 @@ def _calibrated(model_name="bert", p=0.05, seed=0, **cfg_kwargs):
     return model
 
 
-def _train(model, steps=5, lr=1e-2, weight_decay=0.1):
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay
-    )
-    model.train()
-    for batch in make_batches(num=steps, seed=1):
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-
-
-def _logits(model, batch):
-    with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-
 @pytest.mark.parametrize("model_name", ["bert", "gpt2", "llama"])
 def test_frozen_entries_never_move(model_name):
     model = _calibrated(model_name)
     theta0 = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
-    _train(model)
+    train(model, steps=5)
     moved_total = 0
     for name, layer in _sam_layers(model):
         for tensor_name in ("weight", "bias"):
@@ -78,12 +61,12 @@ def test_frozen_entries_never_move(model_name):
 @pytest.mark.parametrize("model_name", ["bert", "gpt2", "llama"])
 def test_save_load_round_trip_is_bit_identical(tmp_path, model_name):
     model = _calibrated(model_name)
-    _train(model, steps=3)
+    train(model, steps=3)
     batch = make_batches(seed=5)[0]
-    expected = _logits(model, batch)
+    expected = logits(model, batch)
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(MODEL_FACTORIES[model_name](0), tmp_path).eval()
-    assert torch.equal(_logits(loaded, batch), expected)
+    assert torch.equal(logits(loaded, batch), expected)
     # file size: ~8 bytes per trained entry (int32 index + float32 value) plus the task head and the header
     n_entries = sum(m.num_entries("default") for _, m in _sam_layers(model))
     head = sum(p.numel() for n, p in model.named_parameters() if "modules_to_save" in n)
@@ -94,7 +77,7 @@ def test_save_load_round_trip_is_bit_identical(tmp_path, model_name):
 
 def test_loading_takes_indices_from_the_file_even_on_a_perturbed_base(tmp_path):
     model = _calibrated(selection="magnitude")
-    _train(model, steps=2)
+    train(model, steps=2)
     model.save_pretrained(tmp_path)
     saved = {
         n: (m.sam_indices["default"].clone(), m.sam_values["default"].detach().clone())
@@ -122,74 +105,48 @@ def test_loading_takes_indices_from_the_file_even_on_a_perturbed_base(tmp_path):
 
 
 def test_auto_peft_model_and_transformers_load_adapter(tmp_path):
-    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
-    tiny_bert(0).save_pretrained(base_dir)
-    from transformers import AutoModelForSequenceClassification
+    def calibrate(model):
+        peft_sam.select_parameters(model, make_batches(), num_batches=2, show_progress=False)
 
-    model = get_peft_model(
-        AutoModelForSequenceClassification.from_pretrained(base_dir), SAMConfig(p=0.05, task_type="SEQ_CLS")
-    )
-    peft_sam.select_parameters(model, make_batches(), num_batches=2, show_progress=False)
-    _train(model, steps=2)
-    model.save_pretrained(adapter_dir)
-    batch = make_batches(seed=9)[0]
-    expected = _logits(model, batch)
-    auto = AutoPeftModelForSequenceClassification.from_pretrained(adapter_dir).eval()
-    assert torch.equal(_logits(auto, batch), expected)
-    hf = AutoModelForSequenceClassification.from_pretrained(base_dir).eval()
-    hf.load_adapter(str(adapter_dir))
-    assert torch.equal(_logits(hf, batch), expected)
+    assert_auto_loads(tmp_path, SAMConfig(p=0.05, task_type="SEQ_CLS"), calibrate)
 
 
 @pytest.mark.parametrize("model_name", ["bert", "gpt2", "llama"])
 def test_merge_equals_forward_and_unmerge_restores_exactly(model_name):
     model = _calibrated(model_name)
-    _train(model, steps=3)
+    train(model, steps=3)
     batch = make_batches(seed=3)[0]
-    expected = _logits(model, batch)
+    expected = logits(model, batch)
     # W0 as state dicts report it (the base tensors hold W0 + Delta between forwards of an active adapter)
     theta0 = {n: p.clone() for n, p in model.state_dict().items() if "base_layer" in n}
     model.merge_adapter()
-    torch.testing.assert_close(_logits(model, batch), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(model, batch), expected, atol=1e-5, rtol=0)
     model.unmerge_adapter()
     for n, p in model.named_parameters():
         if n in theta0:
             assert torch.equal(p, theta0[n]), n
     merged = model.merge_and_unload()
     assert not any(isinstance(m, SAMLayer) for m in merged.modules())
-    torch.testing.assert_close(_logits(merged, batch), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(merged, batch), expected, atol=1e-5, rtol=0)
 
 
 def test_disable_adapter_gives_base_outputs_and_init_weights_false_changes_outputs():
     base = tiny_bert(0)
     batch = make_batches()[0]
-    reference = _logits(base, batch)
+    reference = logits(base, batch)
     model = get_peft_model(tiny_bert(0), SAMConfig(p=0.05, selection="random", init_weights=False))
-    assert not torch.allclose(_logits(model, batch), reference)
+    assert not torch.allclose(logits(model, batch), reference)
     with model.disable_adapter():
-        assert torch.equal(_logits(model, batch), reference)
+        assert torch.equal(logits(model, batch), reference)
     identity = get_peft_model(tiny_bert(0), SAMConfig(p=0.05, selection="random"))
-    assert torch.equal(_logits(identity, batch), reference)
+    assert torch.equal(logits(identity, batch), reference)
 
 
 def test_several_adapters_set_and_delete():
     model = get_peft_model(tiny_bert(0), SAMConfig(p=0.05, selection="random", seed=1, init_weights=False))
     model.add_adapter("other", SAMConfig(p=0.05, selection="magnitude", init_weights=False))
-    batch = make_batches()[0]
-    out_default = _logits(model, batch)
-    model.set_adapter("other")
-    out_other = _logits(model, batch)
-    assert not torch.equal(out_default, out_other)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(".other" in n for n in trainable)
-    model.base_model.set_adapter(["default", "other"])  # both active: offsets add up
-    both = _logits(model, batch)
-    assert not torch.equal(both, out_default) and not torch.equal(both, out_other)
-    model.set_adapter("other")
-    model.delete_adapter("default")
-    assert "default" not in model.peft_config
+    assert_two_adapters(model, make_batches()[0])
     assert all("default" not in m.sam_values for _, m in _sam_layers(model))
-    assert torch.equal(_logits(model, batch), out_other)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -197,7 +154,7 @@ def test_half_precision_forward(dtype):
     model = get_peft_model(
         tiny_bert(0).to(dtype), SAMConfig(p=0.05, selection="magnitude", init_weights=False)
     )
-    out = _logits(model, make_batches()[0])
+    out = logits(model, make_batches()[0])
     assert out.dtype == dtype and torch.isfinite(out).all()
 
 
@@ -215,7 +172,7 @@ def test_trainable_parameter_count_and_head_is_modules_to_save():
 
 def test_save_dtype_bf16_halves_value_bytes(tmp_path):
     model = _calibrated(save_dtype="bfloat16")
-    _train(model, steps=2)
+    train(model, steps=2)
     model.save_pretrained(tmp_path)
     from safetensors.torch import load_file
 
@@ -258,7 +215,7 @@ def test_new_indices_take_effect_after_the_index_cache_was_built():
     # the layers cache index structures per mask; set_entries (a new selection or a load) must invalidate them
     model = _calibrated("bert", init_weights=False).eval()
     batch = make_batches(seed=5)[0]
-    _logits(model, batch)  # builds the caches
+    logits(model, batch)  # builds the caches
     gen = torch.Generator().manual_seed(0)
     for _, layer in _sam_layers(model):
         for tensor_name in ("weight", "bias"):
@@ -268,6 +225,6 @@ def test_new_indices_take_effect_after_the_index_cache_was_built():
             numel = layer.base_tensor(tensor_name).numel()
             new = torch.randperm(numel, generator=gen)[: entries[0].numel()].sort().values
             layer.set_entries("default", tensor_name, new, values=torch.randn(new.numel(), generator=gen))
-    after = _logits(model, batch)
+    after = logits(model, batch)
     merged = copy.deepcopy(model).merge_and_unload()  # merging reads the buffers directly, not the caches
-    torch.testing.assert_close(after, _logits(merged, batch), atol=1e-5, rtol=0)
+    torch.testing.assert_close(after, logits(merged, batch), atol=1e-5, rtol=0)

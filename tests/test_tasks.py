@@ -304,11 +304,24 @@ def _small(d, n=12):
     return type(d)({k: v.select(range(min(n, len(v)))) for k, v in d.items()})
 
 
+TOKENIZED_COLUMNS = {"input_ids", "attention_mask", "token_type_ids", "labels"}
+
+
+def _tokenized_split(splits, tokenizer, task, split, max_length):
+    """Split ``split`` of ``task``'s first 12 rows, raw and tokenised; the tokenised one has the model's columns and
+    the raw labels."""
+    small = _small(splits[task])
+    raw, ds = small[split], tokenize_task(small, tokenizer, task, max_length=max_length)[split]
+    assert set(ds.column_names) == TOKENIZED_COLUMNS
+    assert ds["labels"] == raw["label"]
+    return raw, ds
+
+
 def test_tokenize_pair_task(splits, tokenizer):
     tok = tokenize_task(_small(splits["rte"]), tokenizer, "rte", max_length=32)
     assert list(tok) == ["train", "val", "test"]
     for ds in tok.values():
-        assert set(ds.column_names) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
+        assert set(ds.column_names) == TOKENIZED_COLUMNS
         for ids, mask, types in zip(ds["input_ids"], ds["attention_mask"], ds["token_type_ids"]):
             assert len(ids) == len(mask) == len(types) <= 32
             assert ids[0] == tokenizer.cls_token_id and ids.count(tokenizer.sep_token_id) == 2
@@ -323,7 +336,7 @@ def test_tokenize_pair_task(splits, tokenizer):
 
 def test_tokenize_single_and_regression(splits, tokenizer):
     cola = tokenize_task(_small(splits["cola"]), tokenizer, TASKS["cola"], max_length=8)
-    assert set(cola["train"].column_names) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
+    assert set(cola["train"].column_names) == TOKENIZED_COLUMNS
     assert all(len(ids) <= 8 and ids.count(tokenizer.sep_token_id) == 1 for ids in cola["train"]["input_ids"])
     stsb = tokenize_task(_small(splits["stsb"]), tokenizer, "stsb")
     batch = get_collator("stsb", tokenizer)([stsb["val"][i] for i in range(3)])
@@ -332,12 +345,8 @@ def test_tokenize_single_and_regression(splits, tokenizer):
 
 
 def test_tokenize_copa_multiple_choice(splits, tokenizer):
-    small = _small(splits["copa"])
-    tok = tokenize_task(small, tokenizer, "copa", max_length=64)
-    ds = tok["test"]
-    assert set(ds.column_names) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
-    assert ds["labels"] == small["test"]["label"]
-    for i, (ids, question) in enumerate(zip(ds["input_ids"], small["test"]["question"])):
+    raw, ds = _tokenized_split(splits, tokenizer, "copa", "test", max_length=64)
+    for i, (ids, question) in enumerate(zip(ds["input_ids"], raw["question"])):
         assert len(ids) == 2  # two choices, each a list of token ids
         first_segments = []
         for choice_ids, choice_types in zip(ids, ds[i]["token_type_ids"]):
@@ -360,11 +369,7 @@ def test_tokenize_copa_multiple_choice(splits, tokenizer):
 
 
 def test_tokenize_wsc(splits, tokenizer):
-    small = _small(splits["wsc"])
-    tok = tokenize_task(small, tokenizer, "wsc", max_length=128)
-    ds = tok["val"]
-    assert set(ds.column_names) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
-    assert ds["labels"] == small["val"]["label"]
+    _, ds = _tokenized_split(splits, tokenizer, "wsc", "val", max_length=128)
     for ids, types in zip(ds["input_ids"], ds["token_type_ids"]):
         assert ids.count(tokenizer.sep_token_id) == 2
         second = [t for t, s in zip(ids, types) if s == 1]
