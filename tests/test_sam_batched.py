@@ -148,3 +148,29 @@ def test_a_graph_made_stale_by_the_refresh_is_refused():
     model(**batch)  # refreshes W0 + Delta in place: every adapted tensor the stale graph saved has changed
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         stale.backward()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_entry_gradients(reentrant: bool):
+    batch = make_batches(seed=4)[0]
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        model = _model()
+        _step(model, batch)
+        model.train()  # checkpointing runs in training mode only; dropout off so both runs see one function
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        if checkpointing:  # recomputation runs after the forward: the layers tap their own tensors then
+            model.base_model.model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+            model.enable_input_require_grads()
+        query = model.base_model.model.bert.encoder.layer[0].attention.self.query
+        seen = []
+        query.register_forward_hook(lambda *args, seen=seen: seen.append(1))
+        model(**batch).loss.backward()
+        calls.append(len(seen))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if "sam_" in n and p.grad is not None})
+    assert calls == [1, 2]  # the checkpointed layer ran again in backward
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
