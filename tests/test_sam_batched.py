@@ -174,3 +174,55 @@ def test_gradient_checkpointing_gives_the_same_entry_gradients(reentrant: bool):
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_first_forward_under_inference_mode_leaves_plain_tensors_that_train():
+    model = _model()
+    batch = make_batches(seed=4)[0]
+    with torch.inference_mode():  # e.g. a baseline evaluation before training
+        model(**batch)
+    assert not any(p.is_inference() for p in model.parameters())
+    _step(model, batch)
+    _step(model, batch)
+    assert len(_storages(model)) == 1
+
+
+def test_a_stale_graph_is_refused_when_the_arena_write_goes_through_another_tensor():
+    model = _model()
+    batch = make_batches(seed=4)[0]
+    model(**batch)  # the arena holds every adapted tensor, the word embeddings first
+    query = "bert.encoder.layer.0.attention.self.query"
+    model.add_adapter("b", SAMConfig(p=0.1, selection="random", seed=5, target_modules=[query], task_type="SEQ_CLS"))
+    model.set_adapter("b")
+    model.train()
+    model(**batch)
+    layer = _sam_layers(model)[query]
+    assert layer.in_arena("weight") and layer._sam_arena_of["weight"].params[0] is not layer.base_tensor("weight")
+    stale = model(**batch).loss
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "sam_" in name and name.endswith(".b"):
+                p.add_(0.1)
+    model(**batch)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        stale.backward()
+
+
+def test_a_tied_output_embedding_shows_w0_in_state_dicts_as_a_plain_tensor():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32))
+    w0 = base.transformer.wte.weight.detach().clone()
+    model = get_peft_model(base, SAMConfig(p=0.1, selection="random", seed=3, task_type="CAUSAL_LM"))
+    ids = torch.randint(0, 64, (2, 8))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    model(input_ids=ids)  # W0 + Delta in the (shared) table now
+    state = model.state_dict()
+    keys = [k for k in state if k.endswith(("wte.base_layer.weight", "lm_head.base_layer.weight"))]
+    assert len(keys) == 2
+    for key in keys:
+        assert torch.equal(state[key], w0), key
+        assert state[key].untyped_storage().nbytes() == w0.numel() * w0.element_size(), key

@@ -7,9 +7,10 @@ their gradient from the dense one (57 more). :class:`BatchedStep` does both for 
 
 * **arenas**: the base tensors of the layers in the plain training state (one active adapter, its offsets applied)
   are moved into a few flat buffers (at most ``ARENA_ELEMENTS`` elements each, in module order), so one
-  ``index_put_`` per buffer writes every entry: ``W0 + Delta`` is one ``cat`` of the values and one ``add``. A tensor
-  leaves its arena (gets its own storage back) whenever its layer restores ``W0`` (disable, merge, another adapter,
-  unload), so storage is shared only while the offsets are applied, and state dicts then show copies anyway.
+  ``index_put_`` per buffer writes every entry: ``W0 + Delta`` is one ``cat`` of the values and one ``add``. The
+  layout stays while adapters are disabled or switched (W0 is written back in place); tensors get their own storage
+  back when their layer is unloaded, state dicts always hold copies of arena tensors, and a copied or moved model
+  never shares the storage.
 * **one tap for the small tensors**: every adapted 1-D tensor (norm weights and biases, Linear biases) is handed to
   its layer through one autograd node, whose backward concatenates their dense gradients (which the layers' own
   backward computes, as full fine-tuning does) and gathers all entries at once.
@@ -46,7 +47,7 @@ class _Arena:
         self.numel = 0
         if not params:  # an empty (released or copied) arena
             return
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():  # plain tensors, even when the forward runs in inference
             buffer = torch.cat([p.detach().reshape(-1) for p in params])
         offset = 0
         for param in params:
@@ -89,16 +90,23 @@ class _Arena:
         if self._index is None or self._index[0] != key:
             where = {id(p): off for p, off in zip(self.params, self.offsets)}
             flats = [layer._flat_index(t, a) + where[id(param)] for layer, t, param, a in members]
-            self._index = (key, torch.cat(flats))
+            held = [getattr(layer, TENSOR_SLOTS[t][0])[a] for layer, t, _, a in members]  # their ids stay unique
+            self._index = (key, torch.cat(flats), held)
         return self._index[1]
+
+    @property
+    def through(self) -> torch.Tensor:
+        """The tensor whose view :meth:`flat` is (the write bumps its version counter itself)."""
+        return self.params[0]
 
     def release(self) -> None:
         """Give every tensor still here its own storage back (unloading: a plain model shares no storage)."""
         params, self.params, self.offsets = self.params, [], []
         first = params[0].untyped_storage().data_ptr() if params else None
-        for param in params:
-            if param.untyped_storage().data_ptr() == first:
-                param.data = param.data.clone()
+        with torch.inference_mode(False), torch.no_grad():
+            for param in params:
+                if param.untyped_storage().data_ptr() == first:
+                    param.data = param.data.clone()
         self._index = None
 
     def __deepcopy__(self, memo: dict) -> _Arena:  # a copied model's tensors are never views of this storage
@@ -121,6 +129,7 @@ class _Sink:
 
     def __init__(self, param: torch.Tensor) -> None:
         self.param = param
+        self.through = param
 
     def flat(self) -> torch.Tensor:
         return self.param.detach().view(-1)
@@ -182,7 +191,7 @@ class BatchedStep:
         self.use_arenas = use_arenas
         self.arenas: list[_Arena] = []
         self._plan: tuple[tuple, _TapPlan] | None = None
-        self._w0: tuple[list[torch.Tensor], torch.Tensor] | None = None
+        self._w0: dict[torch.dtype, tuple[list[torch.Tensor], torch.Tensor]] = {}
 
     def __deepcopy__(self, memo: dict) -> BatchedStep:
         return BatchedStep(self.use_arenas)
@@ -204,6 +213,14 @@ class BatchedStep:
     # ------------------------------------------------------------------ refresh
     @torch.compiler.disable
     def refresh(self, layers: list[SAMLayer]) -> list[tuple]:
+        """Apply the current offsets of every layer (see :meth:`_refresh`); caches and arenas are plain tensors even
+        when the forward runs under ``torch.inference_mode``."""
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False):
+                return self._refresh(layers)
+        return self._refresh(layers)
+
+    def _refresh(self, layers: list[SAMLayer]) -> list[tuple]:
         """Apply the current offsets of every layer; returns the plain members ``(layer, tensor, param, adapter)``.
 
         Tensors in another state (first application, several adapters, a restore) go through the layer's own
@@ -266,21 +283,25 @@ class BatchedStep:
             if group[-1] and sum(x[2].numel() for x in group[-1]) + m[2].numel() > ARENA_ELEMENTS:
                 group.append([])
             group[-1].append(m)
+        sinks = []
         for group in chunks.values():
             for chunk in group:
+                if len(chunk) == 1:  # alone (e.g. larger than an arena): written in place, never copied
+                    sinks.append((_Sink(chunk[0][2]), chunk))
+                    continue
                 arena = _Arena([m[2] for m in chunk])
                 for layer, tensor_name, _, _ in chunk:
                     layer._sam_arena_of[tensor_name] = arena
                 self.arenas.append(arena)
                 placed[id(arena)] = chunk
-        return [(a, placed[id(a)]) for a in self.arenas if id(a) in placed]
+        return [(a, placed[id(a)]) for a in self.arenas if id(a) in placed] + sinks
 
     def release(self) -> None:
         """Every arena gives its tensors their own storage back (before unloading the adapters)."""
         for arena in self.arenas:
             arena.release()
         self.arenas = []
-        self._w0 = None
+        self._w0 = {}
 
     @torch.no_grad()
     def _write(self, sinks: list[tuple[_Arena | _Sink, list[tuple]]]) -> None:
@@ -291,9 +312,10 @@ class BatchedStep:
         for group in by_dtype.values():
             members = [m for _, ms in group for m in ms]
             w0s = [getattr(layer, W0_SLOTS[t])[a] for layer, t, _, a in members]
-            cached = self._w0 if self._w0 is not None and len(self._w0[0]) == len(w0s) else None
-            if cached is None or any(x is not y for x, y in zip(cached[0], w0s)):
-                cached = self._w0 = (w0s, torch.cat(w0s))
+            dtype = members[0][2].dtype
+            cached = self._w0.get(dtype)
+            if cached is None or len(cached[0]) != len(w0s) or any(x is not y for x, y in zip(cached[0], w0s)):
+                cached = self._w0[dtype] = (w0s, torch.cat(w0s))
             new = torch.cat([getattr(layer, TENSOR_SLOTS[t][1])[a].detach() for layer, t, _, a in members])
             if new.dtype != cached[1].dtype:
                 new = new.to(cached[1].dtype)
@@ -304,7 +326,7 @@ class BatchedStep:
                 sink.flat().index_put_((index,), new[start : start + index.numel()])
                 start += index.numel()
                 # the write went through one tensor's view: the others' version counters must see it too (autograd)
-                torch.autograd.graph.increment_version([m[2] for m in ms[1:]])
+                torch.autograd.graph.increment_version([m[2] for m in ms if m[2] is not sink.through])
         for layer, tensor_name, param, adapter in (m for _, ms in sinks for m in ms):
             live = layer._sam_live[tensor_name]
             key = layer._values_key(tensor_name, (adapter,))
@@ -323,7 +345,8 @@ class BatchedStep:
         values = [getattr(layer, TENSOR_SLOTS[t][1])[a] for layer, t, _, a in small]
         dtype = small[0][2].dtype
         small = [(m, v) for m, v in zip(small, values) if m[2].dtype == dtype and v.dtype == values[0].dtype]
-        key = tuple((id(layer), t, a, id(layer._flat_index(t, a))) for (layer, t, _, a), _ in small)
+        entries = tuple((id(layer), t, a, id(layer._flat_index(t, a))) for (layer, t, _, a), _ in small)
+        key = (dtype, values[0].dtype, entries)
         if self._plan is None or self._plan[0] != key:
             flats = [layer._flat_index(t, a) for (layer, t, _, a), _ in small]
             plan = _TapPlan(flats, [m[2].numel() for m, _ in small], values[0].dtype)

@@ -337,7 +337,7 @@ class SAMLayer(BaseTunerLayer):
         values = getattr(self, TENSOR_SLOTS[tensor_name][1])
         flats = {a: self._flat_index(tensor_name, a) for a in adapters}
         if live is None or live[1] != adapters:
-            self._restore_tensor(tensor_name)  # (may give the tensor its own storage back: leaving an arena)
+            self._restore_tensor(tensor_name)
         target = param.detach().view(-1)  # detach() shares the version counter: autograd sees the write
         if live is None or live[1] != adapters:
             for a in adapters:  # every backup is taken before any offset is written (entries may overlap)
@@ -711,9 +711,10 @@ def _pristine_state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, 
         key = f"{prefix}base_layer.{tensor_name}"
         if key not in state_dict:
             continue
-        if tensor_name in module._sam_live:
-            state_dict[key] = module.pristine_tensor(tensor_name).detach()
-        elif module.in_arena(tensor_name):
+        source = module._source(tensor_name)  # a tied tensor's offsets and arena are its owner's
+        if tensor_name in source._sam_live:
+            state_dict[key] = source.pristine_tensor(tensor_name).detach()
+        elif source.in_arena(tensor_name):
             state_dict[key] = state_dict[key].clone()
 
 
