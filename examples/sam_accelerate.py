@@ -1,7 +1,7 @@
 """SAM (p = 0.005) on MRPC with a plain Accelerate loop: get_peft_model -> select_parameters -> optimizer -> prepare
 -> train -> save -> load.
 
-    python examples/sam_accelerate.py                      # MiniLM, 1 epoch on 1000 pairs: a few minutes on a CPU
+    python examples/sam_accelerate.py                      # MiniLM, 1 epoch on all 3668 pairs: ~3 minutes on a CPU
     accelerate launch --multi_gpu --num_processes 2 examples/sam_accelerate.py --max-train-samples 0
 """
 
@@ -59,7 +59,8 @@ def save_and_reload(accelerator, model, output_dir: str, model_path: str, eval_d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_args(parser, output_dir="runs/sam_accelerate", lr=5e-4)
+    add_args(parser, output_dir="runs/sam_accelerate", lr=2e-3)
+    parser.set_defaults(max_train_samples=0)  # all 3668 pairs: 1000 pairs x 1 epoch stay at the majority class
     parser.add_argument("--p", type=float, default=0.005)
     parser.add_argument("--calibration-batches", type=int, default=50, help="the SAM reference uses 600")
     args = parser.parse_args()

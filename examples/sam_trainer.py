@@ -1,7 +1,7 @@
 """SAM (p = 0.005) on MRPC with the transformers ``Trainer``. Calibration runs once, before ``Trainer(...)`` builds the
 optimizer, so SAM needs no callback.
 
-    python examples/sam_trainer.py                         # MiniLM, 1 epoch on 1000 pairs: a few minutes on a CPU
+    python examples/sam_trainer.py                         # MiniLM, 1 epoch on all 3668 pairs: ~3 minutes on a CPU
 """
 
 import argparse
@@ -43,7 +43,8 @@ def make_trainer(args, model, data, collator, **kwargs) -> Trainer:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_args(parser, output_dir="runs/sam_trainer", lr=5e-4)
+    add_args(parser, output_dir="runs/sam_trainer", lr=2e-3)
+    parser.set_defaults(max_train_samples=0)  # all 3668 pairs: 1000 pairs x 1 epoch stay at the majority class
     parser.add_argument("--p", type=float, default=0.005)
     parser.add_argument("--calibration-batches", type=int, default=50, help="the SAM reference uses 600")
     args = parser.parse_args()
