@@ -57,12 +57,17 @@ def save_and_reload(accelerator, model, output_dir: str, model_path: str, eval_d
     accelerator.print(f"reloaded adapter: validation accuracy {evaluate(reloaded, eval_dl, accelerator):.4f}")
 
 
+def add_sam_args(parser) -> None:
+    """SAM's flags; the defaults train 1 epoch on all 3668 pairs (1000 pairs x 1 epoch stay at the majority class)."""
+    parser.set_defaults(max_train_samples=0)
+    parser.add_argument("--p", type=float, default=0.005)
+    parser.add_argument("--calibration-batches", type=int, default=50, help="the SAM reference uses 600")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_args(parser, output_dir="runs/sam_accelerate", lr=2e-3)
-    parser.set_defaults(max_train_samples=0)  # all 3668 pairs: 1000 pairs x 1 epoch stay at the majority class
-    parser.add_argument("--p", type=float, default=0.005)
-    parser.add_argument("--calibration-batches", type=int, default=50, help="the SAM reference uses 600")
+    add_sam_args(parser)
     args = parser.parse_args()
 
     accelerator = Accelerator(cpu=args.cpu)

@@ -8,6 +8,7 @@ import argparse
 
 import numpy as np
 from mrpc import add_args, dataloaders
+from sam_accelerate import add_sam_args
 from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
 import peft_sam
@@ -44,9 +45,7 @@ def make_trainer(args, model, data, collator, **kwargs) -> Trainer:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_args(parser, output_dir="runs/sam_trainer", lr=2e-3)
-    parser.set_defaults(max_train_samples=0)  # all 3668 pairs: 1000 pairs x 1 epoch stay at the majority class
-    parser.add_argument("--p", type=float, default=0.005)
-    parser.add_argument("--calibration-batches", type=int, default=50, help="the SAM reference uses 600")
+    add_sam_args(parser)
     args = parser.parse_args()
 
     model_path, data, collator, calibration, _ = dataloaders(args)

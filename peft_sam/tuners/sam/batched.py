@@ -45,6 +45,7 @@ class _Arena:
         self.offsets: list[int] = []
         self._index: tuple[tuple, torch.Tensor] | None = None
         self.numel = 0
+        self._offset_of: dict[int, int] = {}
         if not params:  # an empty (released or copied) arena
             return
         with torch.inference_mode(False), torch.no_grad():  # plain tensors, even when the forward runs in inference
@@ -55,20 +56,19 @@ class _Arena:
             param.data = buffer[offset : offset + param.numel()].view(param.shape)
             offset += param.numel()
         self.numel = offset
+        self._offset_of = {id(p): off for p, off in zip(params, self.offsets)}
 
     def holds(self, param: torch.Tensor) -> bool:
         """Whether ``param`` is one of this arena's tensors and still lives in its storage."""
-        if not self.params:
+        off = self._offset_of.get(id(param)) if self.params else None
+        if off is None:
             return False
         first = self.params[0]
-        for p, off in zip(self.params, self.offsets):
-            if p is param:
-                return (
-                    p.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
-                    and p.storage_offset() == off
-                    and (p is first or first.storage_offset() == 0)
-                )
-        return False
+        return (
+            param.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+            and param.storage_offset() == off
+            and first.storage_offset() == 0
+        )
 
     def intact(self) -> bool:
         """Whether every tensor still lives in the storage at its place (nothing moved them)."""
@@ -88,8 +88,7 @@ class _Arena:
         """Flat positions in the storage of the live entries of ``members`` (rebuilt when the entries change)."""
         key = _signature(members)
         if self._index is None or self._index[0] != key:
-            where = {id(p): off for p, off in zip(self.params, self.offsets)}
-            flats = [layer._flat_index(t, a) + where[id(param)] for layer, t, param, a in members]
+            flats = [layer._flat_index(t, a) + self._offset_of[id(param)] for layer, t, param, a in members]
             held = [getattr(layer, TENSOR_SLOTS[t][0])[a] for layer, t, _, a in members]  # their ids stay unique
             self._index = (key, torch.cat(flats), held)
         return self._index[1]
