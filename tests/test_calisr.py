@@ -62,8 +62,19 @@ def _train(model, optimizer, controller, batches):
         optimizer.zero_grad()
 
 
+def _measured(model):
+    """The CaliSr layers whose stable rank is measured (the groups' Linear/Conv1D matrices)."""
+    return [(name, layer) for name, layer in calisr_layers(model, "default") if layer.is_measured]
+
+
 def _extras(model):
-    return {name: layer.extra_parameter("default") for name, layer in calisr_layers(model, "default")}
+    """W_extra of the measured matrices."""
+    return {name: layer.extra_parameter("default") for name, layer in _measured(model)}
+
+
+def _all_extras(model):
+    """Every W_extra (matrices, biases, embeddings, norms)."""
+    return [p for _, layer in calisr_layers(model, "default") for p in layer.extra_parameters("default")]
 
 
 def _in_optimizer(optimizer, param):
@@ -124,7 +135,7 @@ def test_unsupported_adapter_and_bad_values_raise_clear_errors():
     head_only = torch.optim.AdamW([p for n, p in model.named_parameters() if "classifier" in n and p.requires_grad])
     with pytest.raises(ValueError, match="not in the optimizer"):
         CaliSrController(model, head_only, steps_per_epoch=4)
-    with pytest.raises(ValueError, match="no adapted Linear"):
+    with pytest.raises(ValueError, match="no Linear/Conv1D matrix whose name matches"):
         get_peft_model(
             tiny_bert(0), CaliSrConfig(adapter=LoraConfig(target_modules=["query"]), groups={"x": "nothing"})
         )
@@ -138,15 +149,14 @@ def test_identity_start_groups_and_what_trains(kind, model_name):
     reference = _logits(MODEL_FACTORIES[model_name](0), batch)
     model = _calisr(kind, model_name)
     assert torch.equal(_logits(model, batch), reference)
-    layers = calisr_layers(model, "default")
-    groups = {layer.calisr_group["default"] for _, layer in layers}
+    groups = {layer.calisr_group["default"] for _, layer in _measured(model)}
     assert groups == {"attention", "ffn1", "ffn2"}
-    for _, layer in layers:
+    for _, layer in calisr_layers(model, "default"):
+        assert all(p.requires_grad for p in layer.extra_parameters("default"))
         extra = layer.extra_parameter("default")
-        assert extra.requires_grad
-        if kind == "mpo":
+        if layer.inner_kind == "MPO":
             assert extra is layer.inner.mpo_central_delta["default"] and not layer.calisr_extra
-        else:
+        elif extra is not None:
             assert extra.shape == layer.get_base_layer().weight.shape and not extra.any()
     with model.disable_adapter():
         assert torch.equal(_logits(model, batch), reference)
@@ -159,9 +169,118 @@ def test_default_groups_follow_the_paper_components():
     assert names["layer.0.attention.output.dense"] == "attention"
     assert names["layer.0.intermediate.dense"] == "ffn1"
     assert names["layer.0.output.dense"] == "ffn2"
-    assert not any("pooler" in n for n in names)  # adapted by LoRA but in no group: LFT only
+    # every other tensor full fine-tuning trains has a W_extra too, outside the groups (not measured)
+    groups = {name.split("bert.")[-1]: layer.calisr_group["default"] for name, layer in calisr_layers(model)}
+    assert groups["pooler.dense"] is None
+    assert groups["embeddings.word_embeddings"] is None and names["layer.0.output.LayerNorm"] is None
+    assert not any("classifier" in n for n in names)  # the task head trains throughout (modules_to_save)
     d = _calisr("lora", "bert", variant="D")
-    assert {layer.calisr_group["default"] for _, layer in calisr_layers(d)} == {"model"}
+    assert {layer.calisr_group["default"] for _, layer in _measured(d)} == {"model"}
+
+
+def _trained_names(model, batch):
+    """Names (PEFT wrappers stripped, W_extra as the tensor it offsets) of the tensors receiving a gradient."""
+    import re
+
+    model.zero_grad()
+    model(**batch).loss.backward()
+    names = set()
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        name = re.sub(r"^base_model\.model\.", "", name).replace(".base_layer", "")
+        name = re.sub(r"\.(calisr_extra|mpo_central_delta)\.default$", ".weight", name)
+        name = re.sub(r"\.calisr_extra_bias\.default$", ".bias", name)
+        names.add(name.replace(".modules_to_save.default", ""))
+    model.zero_grad()
+    return names
+
+
+@pytest.mark.parametrize("kind", ["lora", "sam", "mpo"])
+def test_fft_phase_trains_what_full_fine_tuning_trains_and_lft_what_the_method_trains(kind):
+    """Algorithm 1: before the switch every tensor full fine-tuning trains gets a gradient (embeddings, norms, biases,
+    the pooler, matrices the wrapped method does not adapt); after it exactly the wrapped method's tensors do."""
+    batch = make_batches(num=1, seed=3)[0]
+    full = _trained_names(tiny_bert(0), batch)
+    model = _calisr(kind, switch_at=0.5)
+    before = _trained_names(model, batch)
+    inner_only = {n for n in before - full if any(k in n for k in ("lora_", "sam_", "mpo_"))}
+    assert before - inner_only == full  # (every W_extra stands for the tensor it offsets)
+    # the wrapped method alone (same config, same model, same selection)
+    inner = copy.deepcopy(model.peft_config["default"].adapter)
+    inner.task_type = "SEQ_CLS"
+    if kind == "mpo":
+        inner.train_central = False  # CaliSr's W_extra of MPO; the method alone trains the auxiliaries
+    plain = get_peft_model(tiny_bert(0), inner)
+    if kind == "sam":
+        peft_sam.select_parameters(plain, make_batches(), num_batches=2, show_progress=False)
+    optimizer = _optimizer(model)
+    controller = CaliSrController(model, optimizer, total_steps=2)
+    _train(model, optimizer, controller, make_batches(num=1, seed=1))
+    assert controller.all_switched
+    assert (
+        _trained_names(model, batch)
+        == _trained_names(plain, batch)
+        == inner_only | {n for n in full if n.startswith("classifier.")}
+    )
+    assert optimizer.state and all(id(p) not in {id(q) for q in _all_extras(model)} for p in optimizer.state)
+
+
+def test_default_config_has_three_groups_whatever_the_wrapped_targets():
+    """CaliSrConfig() wraps PEFT's default LoraConfig (query / value on BERT): the groups still cover attention, FFN1
+    and FFN2 of every layer (K, the attention output and the FFN train only in the FFT phase)."""
+    model = get_peft_model(tiny_bert(0), CaliSrConfig(task_type="SEQ_CLS"))
+    measured = _measured(model)
+    assert {layer.calisr_group["default"] for _, layer in measured} == {"attention", "ffn1", "ffn2"}
+    kinds = {name.split("layer.0.")[-1]: layer.inner_kind for name, layer in measured if ".layer.0." in name}
+    assert kinds == {
+        "attention.self.query": "LORA",
+        "attention.self.key": None,
+        "attention.self.value": "LORA",
+        "attention.output.dense": None,
+        "intermediate.dense": None,
+        "output.dense": None,
+    }
+
+
+def test_groups_that_collapse_or_match_nothing_warn():
+    with pytest.warns(UserWarning, match="match no Linear/Conv1D matrix"):
+        get_peft_model(
+            tiny_bert(0), CaliSrConfig(task_type="SEQ_CLS", groups={"all": r"\.dense$", "nothing": r"no_such$"})
+        )
+    with pytest.warns(UserWarning, match="single component group"):
+        get_peft_model(tiny_bert(0), CaliSrConfig(task_type="SEQ_CLS", groups={"a": r"query$", "b": r"no_such$"}))
+
+
+def test_exclude_modules_and_tied_embeddings_get_no_extra():
+    model = get_peft_model(tiny_bert(0), CaliSrConfig(task_type="SEQ_CLS", exclude_modules=["word_embeddings"]))
+    names = {name for name, _ in calisr_layers(model)}
+    assert not any(n.endswith("word_embeddings") for n in names) and any(n.endswith("LayerNorm") for n in names)
+    gpt2 = MODEL_FACTORIES["gpt2"](0)  # a GPT-2 whose input and output embeddings are one tensor
+    from transformers import GPT2LMHeadModel
+
+    lm = GPT2LMHeadModel(gpt2.config)
+    assert lm.lm_head.weight is lm.transformer.wte.weight
+    model = get_peft_model(lm, CaliSrConfig(adapter=LoraConfig(r=2, target_modules=["c_attn"])))
+    names = {name for name, _ in calisr_layers(model)}
+    assert not any(n.endswith(("wte", "lm_head")) for n in names) and any(n.endswith("wpe") for n in names)
+
+
+def test_second_adapter_whose_method_adapts_a_module_the_first_left_plain():
+    model = get_peft_model(
+        tiny_bert(0), CaliSrConfig(task_type="SEQ_CLS", adapter=LoraConfig(target_modules=["query"]))
+    )
+    model.add_adapter("second", CaliSrConfig(task_type="SEQ_CLS", adapter=LoraConfig(target_modules=["key"])))
+    key = model.base_model.model.bert.encoder.layer[0].attention.self.key
+    assert isinstance(key, CaliSrLayer) and key.inner_kind == "LORA" and set(key.calisr_extra) == {"default", "second"}
+    assert set(key.inner.lora_A) == {"second"}
+    batch = make_batches(num=1)[0]
+    model.set_adapter("second")
+    with torch.no_grad():
+        key.inner.lora_B["second"].weight.fill_(0.1)
+    changed = _logits(model, batch)
+    model.set_adapter("default")
+    assert not torch.equal(_logits(model, batch), changed)
 
 
 # ---------------------------------------------------------------------------------------------------- split step
@@ -203,7 +322,7 @@ def test_measurements_are_sr_of_core_new_plus_extra_old_and_new(sr_target):
     model(**batch).loss.backward()
     controller.step()
     expected_lft, expected_fft = {}, {}
-    for name, layer in calisr_layers(model, "default"):
+    for name, layer in _measured(model):
         g = layer.calisr_group["default"]
         core = layer.core_weight64("default", include_base=sr_target == "weight")
         expected_lft[g] = expected_lft.get(g, 0.0) + stable_rank(core + extra_old[name].double()).item()
@@ -229,7 +348,7 @@ def test_gradients_before_and_frozen_extra_after_the_switch(kind):
     _train(model, optimizer, controller, batches[:2])
     model(**batches[2]).loss.backward()  # step 3: still full fine-tuning
     # the wrapped method's tensors on the CaliSr layers (SAM offsets on embedding rows outside the batch get none)
-    wrapped = tuple(f"{name}.base_layer." for name, _ in calisr_layers(model, "default"))
+    wrapped = tuple(f"{name}.base_layer." for name, _ in _measured(model))
     inner_params = [
         p
         for n, p in model.named_parameters()
@@ -238,6 +357,7 @@ def test_gradients_before_and_frozen_extra_after_the_switch(kind):
     assert inner_params
     for p in [*_extras(model).values(), *inner_params]:
         assert p.grad is not None and (p.grad != 0).all(), "every entry gets a gradient before the switch"
+    assert all(p.grad is not None for p in _all_extras(model))  # biases, norms, embeddings: full fine-tuning
     controller.step()
     optimizer.zero_grad()
     assert controller.all_switched and controller.switched_at == {g: 3 for g in controller.groups}
@@ -245,22 +365,22 @@ def test_gradients_before_and_frozen_extra_after_the_switch(kind):
     core_before = [p.detach().clone() for p in inner_params]
     for batch in batches[3:]:
         model(**batch).loss.backward()
-        for p in _extras(model).values():
+        for p in _all_extras(model):
             assert p.grad is None and not p.requires_grad
         controller.step()
         optimizer.zero_grad()
         for n, p in _extras(model).items():
             assert torch.equal(p, frozen[n]), n  # bit-identical from step to step
     assert any(not torch.equal(a, b) for a, b in zip(core_before, inner_params))  # W_core keeps training
-    for p in _extras(model).values():
+    for p in _all_extras(model):
         assert not _in_optimizer(optimizer, p) and p not in optimizer.state
     # set_adapter / disable_adapter must not revive W_extra
     with model.disable_adapter():
         pass
     model.set_adapter("default")
-    assert not any(p.requires_grad for p in _extras(model).values())
+    assert not any(p.requires_grad for p in _all_extras(model))
     switches = [e for e in controller.history if e["event"] == "switch"]
-    assert {e["group"] for e in switches} == set(controller.groups) and all(e["step"] == 3 for e in switches)
+    assert {e["group"] for e in switches} == {*controller.groups, "rest"} and all(e["step"] == 3 for e in switches)
 
 
 def test_structure_aware_switches_groups_independently(monkeypatch):
@@ -339,10 +459,11 @@ def test_minilm_one_step_outcomes_match_float64_svd_reference():
 
     base = AutoModel.from_pretrained(gt.get_model_path())
     lora = LoraConfig(r=8, target_modules=["query", "key", "value", "dense"], layers_to_transform=[0, 1])
-    model = get_peft_model(base, CaliSrConfig(adapter=lora, sr_interval=1, decide_every=1000))
+    config = CaliSrConfig(adapter=lora, sr_interval=1, decide_every=1000, exclude_modules=r".*layer\.[2-5]\..*")
+    model = get_peft_model(base, config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5, weight_decay=0.01)
     controller = CaliSrController(model, optimizer, steps_per_epoch=1000)
-    layers = calisr_layers(model, "default")
+    layers = _measured(model)
     assert len(layers) == 12
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, 20000, (4, 24), generator=gen)
@@ -440,7 +561,7 @@ def test_extra_dtype_halves_the_extra_bytes_and_size_report(tmp_path):
     assert extras and all(stored[k].dtype == torch.bfloat16 for k in extras)
     assert all(v.dtype == torch.float32 for k, v in stored.items() if k not in extras)
     report = calisr_size_report(model)
-    n_extra = sum(p.numel() for p in _extras(model).values())
+    n_extra = sum(p.numel() for p in _all_extras(model))
     assert report["extra"] == n_extra and report["core"] > 0 and report["other_trainable"] == 66
     assert report["trainable_before_switch"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert report["trainable_after_switch"] == report["trainable_before_switch"] - n_extra
@@ -551,7 +672,7 @@ def test_accelerate_save_state_restores_phase_and_history(tmp_path):
     assert restored.state_dict() == controller.state_dict()
     assert all(not _in_optimizer(fresh_opt, p) and not p.requires_grad for p in _extras(fresh).values())
     events = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
-    assert [e["event"] for e in events].count("switch") == 3
+    assert [e["event"] for e in events].count("switch") == 4  # three groups, then the rest
     png = plot_sr_trajectories(tmp_path / "log.jsonl", tmp_path / "sr.png")
     assert os.path.getsize(png) > 0
 
@@ -589,8 +710,9 @@ def test_trainer_callback_splits_measures_switches_and_resumes(tmp_path):
     assert any(v is not None for v in controller.switched_at.values())
     assert not hasattr(trainer.optimizer, "_calisr_controller")  # uninstalled at the end
     for name, layer in calisr_layers(model, "default"):
-        switched = controller.phase[layer.calisr_group["default"]] == "lft"
-        assert layer.extra_parameter("default").requires_grad != switched, name
+        group = layer.calisr_group["default"]
+        switched = controller.all_switched if group is None else controller.phase[group] == "lft"
+        assert all(p.requires_grad != switched for p in layer.extra_parameters("default")), name
     assert os.path.isfile(tmp_path / "checkpoint-3" / "calisr_controller.pt")
     # resume from step 3: the phases and history continue where they were
     resumed_callback = CaliSrCallback(sr_backend="gram")

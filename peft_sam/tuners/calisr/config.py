@@ -93,7 +93,9 @@ def _peft_type_name(config: PeftConfig) -> str:
 class CaliSrConfig(PeftConfig):
     """Full fine-tuning that switches, per component group, to the wrapped lightweight method (CaliSr).
 
-    Each adapted weight is ``W = W_core + W_extra``: ``W_core`` is the wrapped method's weight (LoRA ``W0 + s B A``,
+    Before the switch training is full fine-tuning: every backbone tensor full fine-tuning trains (matrices,
+    embeddings, norms, biases; not the task head, which trains throughout) gets a dense ``W_extra``. Each weight is
+    ``W = W_core + W_extra``: ``W_core`` is the wrapped method's weight (LoRA ``W0 + s B A``,
     SAM ``W0 +`` sparse delta, MPO the chain with trainable auxiliaries) and trains throughout; ``W_extra`` (a dense,
     zero-initialised delta for LoRA and SAM; the MPO central tensor itself) trains only until the switch. The switch
     is decided during training by :class:`peft_sam.CaliSrController` (plain loops) or :class:`peft_sam.CaliSrCallback`
@@ -122,10 +124,11 @@ class CaliSrConfig(PeftConfig):
             If set (paper: 3 or 5), evaluate SRS as soon as this many new measurements have accumulated instead of
             every ``decide_every`` steps. None (default): decide every ``decide_every`` steps.
         groups (`Optional[Dict[str, List[str]]]`):
-            Component groups ``{name: [regex, ...]}`` (a single regex is accepted) searched in module names, the
-            first matching group wins; only adapted Linear/Conv1D modules in a group get a W_extra. None (default):
-            ``DEFAULT_GROUPS``, attention / ffn1 / ffn2 for BERT, RoBERTa, DistilBERT, GPT-2 and Llama-style names;
-            on a model none of them matches, one group ``"model"`` of all adapted Linear/Conv1D modules (a warning).
+            Component groups ``{name: [regex, ...]}`` (a single regex is accepted) searched in the names of the
+            model's Linear/Conv1D matrices (whatever the wrapped method adapts), the first matching group wins; their
+            stable ranks are measured and each group switches on its own. None (default): ``DEFAULT_GROUPS``,
+            attention / ffn1 / ffn2 for BERT, RoBERTa, DistilBERT, GPT-2 and Llama-style names; on a model none of
+            them matches, one group ``"model"`` of all Linear/Conv1D matrices (a warning).
         sr_target (`str`):
             ``"weight"`` (default, the paper): stable rank of ``W = W_core + W_extra``; ``"delta"``: of ``W - W0``.
         extra_dtype (`Optional[str]`):
@@ -145,8 +148,12 @@ class CaliSrConfig(PeftConfig):
         seed (`int`):
             Seed of the random W_extra used with ``init_weights=False`` (default 0).
         target_modules (`Optional[Union[List[str], str]]`):
-            Shortcut: if set, replaces the wrapped config's ``target_modules`` (which decide what is adapted; the
-            group patterns then decide which adapted modules get a W_extra). None (default): the wrapped config's.
+            Shortcut: if set, replaces the wrapped config's ``target_modules`` (which decide what the wrapped method
+            adapts). None (default): the wrapped config's.
+        exclude_modules (`Optional[Union[List[str], str]]`):
+            Modules left out of the full-fine-tuning phase (no W_extra; PEFT's rule: a string is a full regex
+            match, a list matches module names or name suffixes). None (default): none; tied or shared tensors
+            (tied input/output embeddings) never get one.
     """
 
     adapter: Any = field(
@@ -188,10 +195,10 @@ class CaliSrConfig(PeftConfig):
     groups: dict[str, list[str]] | None = field(
         default=None,
         metadata={
-            "help": "Component groups {name: [regex, ...]} searched in module names (first match wins); None = "
-            "attention / ffn1 / ffn2 for BERT, RoBERTa, DistilBERT, GPT-2 and Llama names (on a model where none of "
-            "them matches: one group 'model' of all adapted Linear/Conv1D modules). Only adapted Linear/Conv1D "
-            "modules in a group get a W_extra; variant 'D' treats all of them as one group."
+            "help": "Component groups {name: [regex, ...]} searched in the names of the Linear/Conv1D matrices "
+            "(first match wins); None = attention / ffn1 / ffn2 for BERT, RoBERTa, DistilBERT, GPT-2 and Llama names "
+            "(on a model where none of them matches: one group 'model' of all matrices). Variant 'D' treats all "
+            "grouped matrices as one group."
         },
     )
     sr_target: str = field(
@@ -225,10 +232,11 @@ class CaliSrConfig(PeftConfig):
     seed: int = field(default=0, metadata={"help": "Seed of the random W_extra used when init_weights=False."})
     target_modules: list[str] | str | None = field(
         default=None,
-        metadata={
-            "help": "Shortcut: if set, replaces the wrapped config's target_modules (which decide what is adapted; "
-            "the group patterns then decide which adapted modules get a W_extra)."
-        },
+        metadata={"help": "Shortcut: if set, replaces the wrapped config's target_modules."},
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Modules left out of the full-fine-tuning phase (regex string or list of name suffixes)."},
     )
 
     def __post_init__(self) -> None:
@@ -290,6 +298,8 @@ class CaliSrConfig(PeftConfig):
             raise ValueError(f"CaliSrConfig.switch_at must be a fraction in [0, 1] or None, got {self.switch_at!r}.")
         if self.groups is not None:
             self.groups = self._normalise_groups(self.groups)
+        if isinstance(self.exclude_modules, (list, tuple)):
+            self.exclude_modules = list(self.exclude_modules)
 
     @property
     def resolved_groups(self) -> dict[str, list[str]]:

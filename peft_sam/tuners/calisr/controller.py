@@ -91,22 +91,26 @@ def calisr_param_groups(
     extra_weight_decay: float | None = None,
     **group_kwargs: Any,
 ) -> list[dict]:
-    """Optimizer parameter groups for a CaliSr model: core (with / without weight decay) and W_extra.
+    """Optimizer parameter groups for a CaliSr model: core and W_extra, each with and without weight decay.
 
     The controller works with any grouping, but separate groups make the split explicit and let W_extra have its own
-    ``extra_weight_decay`` (default: ``weight_decay``). Each group carries ``"calisr": "core" | "extra"``; empty
+    ``extra_weight_decay`` (default: ``weight_decay``); the W_extra of biases and norm weights (1-D tensors) gets no
+    decay, as those tensors get none in full fine-tuning. Each group carries ``"calisr": "core" | "extra"``; empty
     groups are left out.
     """
     peft_model = unwrap_model(model)
     extras = {
-        id(layer.extra_parameter(adapter)) for _, layer in calisr_layers(peft_model) for adapter in layer.calisr_group
+        id(p)
+        for _, layer in calisr_layers(peft_model)
+        for adapter in layer.calisr_group
+        for p in layer.extra_parameters(adapter)
     }
-    decay, plain, extra = [], [], []
+    decay, plain, extra, extra_plain = [], [], [], []
     for name, p in peft_model.named_parameters():
         if not p.requires_grad:
             continue
-        if id(p) in extras:
-            extra.append(p)
+        if id(p) in extras:  # W_extra of a bias or a norm weight (1-D): no decay, as full fine-tuning's tensor
+            (extra if p.dim() > 1 else extra_plain).append(p)
         elif any(nd in name for nd in no_decay):
             plain.append(p)
         else:
@@ -120,6 +124,7 @@ def calisr_param_groups(
             "calisr": "extra",
             **group_kwargs,
         },
+        {"params": extra_plain, "weight_decay": 0.0, "calisr": "extra", **group_kwargs},
     ]
     return [g for g in groups if g["params"]]
 
@@ -206,16 +211,27 @@ class CaliSrController:
         self._check_ddp(model)
         cfg: CaliSrConfig = self.config
 
+        # measured layers per group (the groups' Linear/Conv1D matrices) and the other layers of the full-fine-tuning
+        # phase (embeddings, norms, matrices outside every group), which stop training with the last group
         self.layers: dict[str, list[tuple[str, CaliSrLayer]]] = {}
+        self.followers: list[tuple[str, CaliSrLayer]] = []
         for name, layer in calisr_layers(self.peft_model, self.adapter_name):
-            self.layers.setdefault(layer.calisr_group[self.adapter_name], []).append((name, layer))
+            group = layer.calisr_group[self.adapter_name]
+            if group is None or not layer.is_matrix:
+                self.followers.append((name, layer))
+            else:
+                self.layers.setdefault(group, []).append((name, layer))
         if not self.layers:
-            raise ValueError(f"The model has no CaliSr layers for adapter {self.adapter_name!r}.")
+            raise ValueError(f"The model has no measured CaliSr layers for adapter {self.adapter_name!r}.")
         self.groups: list[str] = list(self.layers)
         self.extras: dict[str, list[nn.Parameter]] = {
-            g: [layer.extra_parameter(self.adapter_name) for _, layer in items] for g, items in self.layers.items()
+            g: [p for _, layer in items for p in layer.extra_parameters(self.adapter_name)]
+            for g, items in self.layers.items()
         }
-        self._extra_ids = {id(p) for ps in self.extras.values() for p in ps}
+        self.follower_extras: list[nn.Parameter] = [
+            p for _, layer in self.followers for p in layer.extra_parameters(self.adapter_name)
+        ]
+        self._extra_ids = {id(p) for ps in self.extras.values() for p in ps} | {id(p) for p in self.follower_extras}
 
         # schedule
         self.srs_window = cfg.srs_window
@@ -265,7 +281,9 @@ class CaliSrController:
         self._layout: list[list[nn.Parameter]] = [list(g["params"]) for g in self.torch_optimizer.param_groups]
         present = {id(p) for group in self._layout for p in group}
         missing = [
-            n for g in self.groups for (n, layer), p in zip(self.layers[g], self.extras[g]) if id(p) not in present
+            n
+            for n, layer in [item for g in self.groups for item in self.layers[g]] + self.followers
+            if any(id(p) not in present for p in layer.extra_parameters(self.adapter_name))
         ]
         if missing:
             raise ValueError(
@@ -382,7 +400,7 @@ class CaliSrController:
 
     def _split_step(self, t: int) -> None:
         groups = self.active_groups
-        extras = [p for g in groups for p in self.extras[g]]
+        extras = [p for g in groups for p in self.extras[g]] + self.follower_extras
         extra_ids = {id(p) for p in extras}
         scaler = getattr(self.optimizer, "scaler", None)
         if scaler is not None:
@@ -579,8 +597,9 @@ class CaliSrController:
             return
         ids = set()
         for g in groups:
-            for (_, layer), p in zip(self.layers[g], self.extras[g]):
+            for _, layer in self.layers[g]:
                 layer.freeze_extra(self.adapter_name)
+            for p in self.extras[g]:
                 ids.add(id(p))
                 self.torch_optimizer.state.pop(p, None)
             self.phase[g] = "lft"
@@ -593,8 +612,25 @@ class CaliSrController:
                         "group": g,
                         "reason": reason,
                         "srs": None if srs is None else srs.get(g),
-                        "num_matrices": len(self.extras[g]),
+                        "num_matrices": len(self.layers[g]),
                         "extra_entries": sum(p.numel() for p in self.extras[g]),
+                    }
+                )
+        if self.all_switched and self.followers:  # the rest of the full-fine-tuning phase stops with the last group
+            for _, layer in self.followers:
+                layer.freeze_extra(self.adapter_name)
+            for p in self.follower_extras:
+                ids.add(id(p))
+                self.torch_optimizer.state.pop(p, None)
+            if log:
+                self._record(
+                    {
+                        "event": "switch",
+                        "step": step,
+                        "group": "rest",
+                        "reason": "last group switched",
+                        "num_modules": len(self.followers),
+                        "extra_entries": sum(p.numel() for p in self.follower_extras),
                     }
                 )
         for group in self.torch_optimizer.param_groups:
@@ -610,7 +646,9 @@ class CaliSrController:
                 layer.unfreeze_extra(self.adapter_name)
             self.phase[g] = "fft"
             self.switched_at[g] = None
-        active_ids = {id(p) for g in self.active_groups for p in self.extras[g]}
+        for _, layer in self.followers:  # some group trains again: so does the rest of the full-fine-tuning phase
+            layer.unfreeze_extra(self.adapter_name)
+        active_ids = {id(p) for g in self.active_groups for p in self.extras[g]} | {id(p) for p in self.follower_extras}
         for gi, group in enumerate(self.torch_optimizer.param_groups):
             keep = {id(p) for p in group["params"]}
             group["params"] = [p for p in self._full_group(gi) if id(p) in keep or id(p) in active_ids]

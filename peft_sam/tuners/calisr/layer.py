@@ -1,20 +1,26 @@
-"""CaliSr layers: a wrapped lightweight-method layer (LoRA, SAM or MPO) plus, per adapter, the full-fine-tuning part.
+"""CaliSr layers: every backbone module full fine-tuning would train, plus (where the wrapped lightweight method adapts
+it) that method's layer, and per adapter the full-fine-tuning part ``W_extra``.
 
-A CaliSr layer's ``base_layer`` is the *inner* tuner layer (e.g. a LoRA ``Linear`` around the original
-``nn.Linear``); everything the inner layer holds therefore belongs to the adapter as well (PEFT finds adapter tensors
-structurally: all tensors of a tuner layer except its ``base_layer``). The layer computes, per active adapter,
+A CaliSr layer's ``base_layer`` is either the *inner* tuner layer (e.g. a LoRA ``Linear`` around the original
+``nn.Linear``) or, for a module the wrapped method does not adapt, the original module itself (an ``nn.Linear``
+outside LoRA's targets, an ``nn.Embedding``, a ``LayerNorm``, ...). Everything the inner layer holds belongs to the
+adapter as well (PEFT finds adapter tensors structurally: all tensors of a tuner layer except its ``base_layer``).
+Per adapter a layer holds dense, zero-initialised deltas of the module's own ``weight`` (``calisr_extra``) and
+``bias`` (``calisr_extra_bias``); for an MPO inner layer the weight's W_extra is the MPO central tensor offset
+(``mpo_central_delta``, MPOP "full"), so no dense copy exists. The forward runs the inner layer (or the module) with
+``weight -> weight + W_extra`` and ``bias -> bias + W_extra_bias`` (``torch.func.functional_call``: one matmul, as
+full fine-tuning); under a wrapper that sets the weight as a plain attribute (FSDP with ``use_orig_params``) the
+deltas' contribution is added to the output instead (Linear, Conv1D, Embedding and LayerNorm are linear in their
+parameters).
 
-* LoRA / SAM: ``inner(x)`` with the base weight ``W0`` replaced by ``W0 + W_extra`` (one matmul, like full
-  fine-tuning), where ``W_extra`` (``calisr_extra``, base-weight layout, zero at start) is a dense trainable delta;
-  under a wrapper that sets the weight as a plain attribute (FSDP, ``use_orig_params``) ``inner(x) + x W_extra^T``;
-* MPO: ``inner(x)``; ``W_extra`` is the inner layer's trainable central tensor offset (``mpo_central_delta``, MPOP
-  "full"), so no dense copy exists.
-
-``W_core`` is everything else the inner layer trains. The effective weight is ``W = W_core + W_extra``.
+``W_core`` is everything else the inner layer trains (W0 for a module without inner layer); the effective weight is
+``W = W_core + W_extra``. Only Linear/Conv1D layers of a component group have their stable rank measured; the others
+(embeddings, norms, matrices outside every group) train in the full-fine-tuning phase and stop with the last group.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -28,8 +34,8 @@ from .._common import AdditiveDeltaLayer
 MPO_EXTRA_NAME = "mpo_central_delta"
 
 
-def inner_kind(layer: nn.Module) -> str:
-    """'LORA', 'SAM' or 'MPO' for a supported inner tuner layer."""
+def inner_kind(layer: nn.Module) -> str | None:
+    """'LORA', 'SAM' or 'MPO' for a supported inner tuner layer, None for a plain module."""
     from peft.tuners.lora import LoraLayer
 
     from ..mpo.layer import MPOLayer
@@ -41,7 +47,39 @@ def inner_kind(layer: nn.Module) -> str:
         return "SAM"
     if isinstance(layer, MPOLayer):
         return "MPO"
-    raise TypeError(f"CaliSr cannot wrap a {type(layer).__name__}: supported inner layers are LoRA, SAM and MPO.")
+    if isinstance(layer, BaseTunerLayer):
+        raise TypeError(f"CaliSr cannot wrap a {type(layer).__name__}: supported inner layers are LoRA, SAM and MPO.")
+    return None
+
+
+EXTRA_SLOTS = {"weight": "calisr_extra", "bias": "calisr_extra_bias"}
+
+
+def own_tensor_names(module: nn.Module) -> tuple[str, ...]:
+    """Which of ``weight`` / ``bias`` the module registers itself as floating-point parameters."""
+    return tuple(
+        name
+        for name in EXTRA_SLOTS
+        if isinstance(module._parameters.get(name), torch.Tensor) and module._parameters[name].is_floating_point()
+    )
+
+
+def _extra_contribution(leaf: nn.Module, x: torch.Tensor, deltas: dict[str, torch.Tensor], conv1d: bool):
+    """What ``deltas`` add to the output of ``leaf`` (which is linear in its parameters), or None if unknown."""
+    weight, bias = deltas.get("weight"), deltas.get("bias")
+    if isinstance(leaf, (nn.Linear, Conv1D)):
+        out = 0
+        if weight is not None:
+            out = F.linear(x.to(weight.dtype), weight.t() if conv1d else weight)
+        return out + bias if bias is not None else out
+    if isinstance(leaf, nn.Embedding) and weight is not None and leaf.max_norm is None:
+        return F.embedding(x, weight, leaf.padding_idx)
+    if isinstance(leaf, nn.LayerNorm):
+        out = 0
+        if weight is not None:
+            out = F.layer_norm(x.to(weight.dtype), leaf.normalized_shape, None, None, leaf.eps) * weight
+        return out + bias if bias is not None else out
+    return None
 
 
 def _mpo_delta64(inner, adapter_name: str) -> torch.Tensor | None:
@@ -71,107 +109,148 @@ def _mpo_delta64(inner, adapter_name: str) -> torch.Tensor | None:
 
 
 class CaliSrLayer(AdditiveDeltaLayer, BaseTunerLayer):
-    """Mixin holding the W_extra part of every CaliSr adapter on one inner tuner layer."""
+    """Mixin holding the full-fine-tuning part (W_extra) of every CaliSr adapter on one module."""
 
-    adapter_layer_names = ("calisr_extra",)
+    adapter_layer_names = tuple(EXTRA_SLOTS.values())
     other_param_names = ()
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
-        self.calisr_extra = nn.ParameterDict({})
-        # adapter -> group name (attention / ffn1 / ffn2 / model); recomputed from the config, not saved
-        self.calisr_group: dict[str, str] = {}
+        self.calisr_extra = nn.ParameterDict({})  # W_extra of the module's weight, per adapter
+        self.calisr_extra_bias = nn.ParameterDict({})  # W_extra of its bias, per adapter
+        # adapter -> group name (attention / ffn1 / ffn2 / model), None for a module outside every group (it stops
+        # training with the last group); recomputed from the config, not saved
+        self.calisr_group: dict[str, str | None] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
-        self.inner_kind = inner_kind(base_layer)
-        # path from the inner layer to the original module's weight, for functional_call
-        path, module = [], base_layer
+        self.bind_inner()
+
+    def bind_inner(self) -> None:
+        """Derive what depends on ``base_layer`` (again after the wrapped method adapts a plain module later)."""
+        self.inner_kind = inner_kind(self.base_layer)
+        path, module = [], self.base_layer
         while hasattr(module, "base_layer"):
             path.append("base_layer")
             module = module.base_layer
-        self._weight_path = ".".join([*path, "weight"])
+        self._leaf_path = ".".join(path)
         self._is_conv1d = isinstance(module, Conv1D)  # weight [in, out] (GPT-2 style) instead of [out, in]
-        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
+        self.is_matrix = isinstance(module, (nn.Linear, Conv1D))
+        self.tensor_names = own_tensor_names(module)
+        if self.is_matrix:
+            self.in_features, self.out_features = _get_in_out_features(module)
+
+    def _path(self, tensor_name: str) -> str:
+        return f"{self._leaf_path}.{tensor_name}" if self._leaf_path else tensor_name
 
     @property
-    def inner(self) -> BaseTunerLayer:
-        """The wrapped lightweight-method layer."""
-        return self.base_layer
+    def inner(self) -> BaseTunerLayer | None:
+        """The wrapped lightweight-method layer (None where the method does not adapt this module)."""
+        return self.base_layer if self.inner_kind is not None else None
+
+    def _inner_has(self, adapter_name: str) -> bool:
+        return self.inner is not None and adapter_name in self.inner._all_available_adapter_names()
 
     # ------------------------------------------------------------------ adapter bookkeeping
-    def update_layer(self, adapter_name: str, config, group: str, inference_mode: bool = False, **kwargs) -> None:
+    def update_layer(
+        self, adapter_name: str, config, group: str | None, inference_mode: bool = False, **kwargs
+    ) -> None:
         """Create the W_extra of ``adapter_name`` (zero, or small random numbers with ``init_weights=False``)."""
         self.calisr_group[adapter_name] = group
-        if self.inner_kind == "MPO":
-            if adapter_name not in getattr(self.inner, MPO_EXTRA_NAME):
-                raise ValueError(
-                    f"The MPO layer has no trainable central tensor for adapter {adapter_name!r}: CaliSr needs "
-                    "MPOConfig(train_central=True) (CaliSrConfig sets it)."
-                )
-            central = getattr(self.inner, MPO_EXTRA_NAME)[adapter_name]
-            if not config.init_weights and not central.is_meta:  # random non-zero W_extra (PEFT's generic tests)
-                gen = torch.Generator().manual_seed(int(config.seed) + central.numel())
-                ref = self.inner.central_tensor(adapter_name).detach().float()
-                scale = 0.02 * float(ref.std()) if ref.numel() > 1 else 0.02
-                with torch.no_grad():
-                    central.copy_((scale * torch.randn(central.shape, generator=gen)).to(central.dtype))
-        else:
-            weight = self.get_base_layer().weight
+        leaf = self.get_base_layer()
+        for tensor_name in self.tensor_names:
+            if tensor_name == "weight" and self.inner_kind == "MPO":
+                self._init_mpo_central(adapter_name, config)
+                continue
+            base = getattr(leaf, tensor_name)
             if config.init_weights:
-                extra = torch.zeros_like(weight)
-            elif weight.is_meta:
-                extra = torch.empty_like(weight)
+                extra = torch.zeros_like(base)
+            elif base.is_meta:
+                extra = torch.empty_like(base)
             else:
-                gen = torch.Generator().manual_seed(int(config.seed) + weight.numel())
-                scale = 0.02 * float(weight.detach().float().std()) if weight.numel() > 1 else 0.02
-                extra = (scale * torch.randn(weight.shape, generator=gen)).to(weight.dtype).to(weight.device)
-            self.calisr_extra[adapter_name] = nn.Parameter(extra, requires_grad=True)
+                gen = torch.Generator().manual_seed(int(config.seed) + base.numel() + len(tensor_name))
+                std = float(base.detach().float().std()) if base.numel() > 1 else 0.0
+                scale = 0.02 * std if std > 0 else 0.02
+                extra = (scale * torch.randn(base.shape, generator=gen)).to(base.dtype).to(base.device)
+            getattr(self, EXTRA_SLOTS[tensor_name])[adapter_name] = nn.Parameter(extra, requires_grad=True)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _init_mpo_central(self, adapter_name: str, config) -> None:
+        if adapter_name not in getattr(self.inner, MPO_EXTRA_NAME):
+            raise ValueError(
+                f"The MPO layer has no trainable central tensor for adapter {adapter_name!r}: CaliSr needs "
+                "MPOConfig(train_central=True) (CaliSrConfig sets it)."
+            )
+        central = getattr(self.inner, MPO_EXTRA_NAME)[adapter_name]
+        if not config.init_weights and not central.is_meta:  # random non-zero W_extra (PEFT's generic tests)
+            gen = torch.Generator().manual_seed(int(config.seed) + central.numel())
+            ref = self.inner.central_tensor(adapter_name).detach().float()
+            scale = 0.02 * float(ref.std()) if ref.numel() > 1 else 0.02
+            with torch.no_grad():
+                central.copy_((scale * torch.randn(central.shape, generator=gen)).to(central.dtype))
 
     def has_adapter(self, adapter_name: str) -> bool:
         return adapter_name in self.calisr_group
 
-    def extra_parameter(self, adapter_name: str) -> nn.Parameter:
-        """The W_extra parameter of ``adapter_name`` (for MPO the inner layer's central tensor offset)."""
-        if self.inner_kind == "MPO":
-            return getattr(self.inner, MPO_EXTRA_NAME)[adapter_name]
-        return self.calisr_extra[adapter_name]
+    @property
+    def is_measured(self) -> bool:
+        """Whether this layer's weight is a matrix whose stable rank CaliSr measures (it belongs to a group)."""
+        return self.is_matrix and any(g is not None for g in self.calisr_group.values())
 
-    def extra_owner(self) -> tuple[BaseTunerLayer, str]:
-        """(layer, attribute name) holding W_extra, for PEFT's ``frozen_peft_weight_names``."""
-        if self.inner_kind == "MPO":
-            return self.inner, MPO_EXTRA_NAME
-        return self, "calisr_extra"
+    def extra_parameter(self, adapter_name: str) -> nn.Parameter | None:
+        """The W_extra of the weight of ``adapter_name`` (for MPO the inner layer's central tensor offset)."""
+        if self.inner_kind == "MPO" and "weight" in self.tensor_names:
+            return getattr(self.inner, MPO_EXTRA_NAME)[adapter_name]
+        return self.calisr_extra[adapter_name] if adapter_name in self.calisr_extra else None
+
+    def extra_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        """Every W_extra of ``adapter_name`` on this layer (weight, bias)."""
+        found = [self.extra_parameter(adapter_name)]
+        if adapter_name in self.calisr_extra_bias:
+            found.append(self.calisr_extra_bias[adapter_name])
+        return [p for p in found if p is not None]
+
+    def _extra_owners(self) -> list[tuple[BaseTunerLayer, str]]:
+        """(layer, attribute name) pairs holding W_extra, for PEFT's ``frozen_peft_weight_names``."""
+        owners = [(self, EXTRA_SLOTS["bias"])] if "bias" in self.tensor_names else []
+        if "weight" in self.tensor_names:
+            owners.insert(
+                0, (self.inner, MPO_EXTRA_NAME) if self.inner_kind == "MPO" else (self, EXTRA_SLOTS["weight"])
+            )
+        return owners
 
     def freeze_extra(self, adapter_name: str) -> None:
         """The switch: W_extra of ``adapter_name`` stops training for good (also across ``set_adapter`` calls)."""
-        param = self.extra_parameter(adapter_name)
-        param.requires_grad_(False)
-        param.grad = None
-        owner, attr = self.extra_owner()
-        if "frozen_peft_weight_names" not in owner.__dict__:  # the class attribute is shared: give it its own dict
-            owner.frozen_peft_weight_names = dict(owner.frozen_peft_weight_names)
-        names = tuple(owner.frozen_peft_weight_names.get(adapter_name, ()))
-        if attr not in names:
-            owner.frozen_peft_weight_names[adapter_name] = (*names, attr)
+        for param in self.extra_parameters(adapter_name):
+            param.requires_grad_(False)
+            param.grad = None
+        for owner, attr in self._extra_owners():
+            if "frozen_peft_weight_names" not in owner.__dict__:  # the class attribute is shared: give it its own
+                owner.frozen_peft_weight_names = dict(owner.frozen_peft_weight_names)
+            names = tuple(owner.frozen_peft_weight_names.get(adapter_name, ()))
+            if attr not in names:
+                owner.frozen_peft_weight_names[adapter_name] = (*names, attr)
 
     def extra_is_frozen(self, adapter_name: str) -> bool:
-        owner, attr = self.extra_owner()
+        owners = self._extra_owners()
+        if not owners:
+            return False
+        owner, attr = owners[0]
         return attr in owner.__dict__.get("frozen_peft_weight_names", {}).get(adapter_name, ())
 
     def unfreeze_extra(self, adapter_name: str) -> None:
         """Undo :meth:`freeze_extra` (used when a controller state from before the switch is loaded)."""
-        owner, attr = self.extra_owner()
-        frozen = owner.__dict__.get("frozen_peft_weight_names")
-        if frozen and attr in frozen.get(adapter_name, ()):
-            remaining = tuple(n for n in frozen[adapter_name] if n != attr)
-            if remaining:
-                frozen[adapter_name] = remaining
-            else:
-                del frozen[adapter_name]
+        for owner, attr in self._extra_owners():
+            frozen = owner.__dict__.get("frozen_peft_weight_names")
+            if frozen and attr in frozen.get(adapter_name, ()):
+                remaining = tuple(n for n in frozen[adapter_name] if n != attr)
+                if remaining:
+                    frozen[adapter_name] = remaining
+                else:
+                    del frozen[adapter_name]
         if adapter_name in self.active_adapters and not self.disable_adapters:
-            self.extra_parameter(adapter_name).requires_grad_(True)
+            for param in self.extra_parameters(adapter_name):
+                param.requires_grad_(True)
 
     def delete_adapter(self, adapter_name: str) -> None:  # noqa: D102
         self.calisr_group.pop(adapter_name, None)  # first: the base class picks the new active adapter from the rest
@@ -181,14 +260,24 @@ class CaliSrLayer(AdditiveDeltaLayer, BaseTunerLayer):
         return sorted(set(super()._all_available_adapter_names()) | set(self.calisr_group))
 
     # ------------------------------------------------------------------ weights
+    def _dense_extras(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        """{tensor name: dense W_extra} of ``adapter_name`` (MPO's weight part lives inside the inner layer)."""
+        out = {}
+        if self.inner_kind != "MPO" and adapter_name in self.calisr_extra:
+            out["weight"] = self.calisr_extra[adapter_name]
+        if adapter_name in self.calisr_extra_bias:
+            out["bias"] = self.calisr_extra_bias[adapter_name]
+        return out
+
     def inner_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The inner method's dense delta ``W_core - W0`` in the base weight's layout (for MPO incl. W_extra)."""
-        inner = self.inner
-        if self.inner_kind == "SAM":
-            return inner.get_delta_weight(adapter_name, "weight")
-        if self.inner_kind == "LORA" and adapter_name not in inner.lora_A:
+        if not self._inner_has(adapter_name):
             return torch.zeros_like(self.get_base_layer().weight)
-        return inner.get_delta_weight(adapter_name)
+        if self.inner_kind == "SAM":
+            return self.inner.get_delta_weight(adapter_name, "weight")
+        if self.inner_kind == "LORA" and adapter_name not in self.inner.lora_A:
+            return torch.zeros_like(self.get_base_layer().weight)
+        return self.inner.get_delta_weight(adapter_name)
 
     @torch.no_grad()
     def inner_delta_weight64(self, adapter_name: str) -> torch.Tensor:
@@ -196,7 +285,7 @@ class CaliSrLayer(AdditiveDeltaLayer, BaseTunerLayer):
 
         LoRA: ``s B A`` in float64; MPO: ``MPO(A, C + dC) - MPO(A0, C)`` contracted in float64 (a float32 contraction
         would add rounding noise of the size of the one-step differences CaliSr compares); SAM: its sparse delta
-        (exact in any precision).
+        (exact in any precision); zero where the wrapped method does not adapt the module.
         """
         inner = self.inner
         if self.inner_kind == "LORA" and adapter_name in inner.lora_A:
@@ -206,7 +295,7 @@ class CaliSrLayer(AdditiveDeltaLayer, BaseTunerLayer):
                     inner.scaling[adapter_name]
                 )
                 return delta.t() if inner.fan_in_fan_out else delta
-        if self.inner_kind == "MPO":
+        if self.inner_kind == "MPO" and self._inner_has(adapter_name):
             delta = _mpo_delta64(inner, adapter_name)
             if delta is not None:
                 return delta.reshape(self.get_base_layer().weight.shape)
@@ -232,87 +321,103 @@ class CaliSrLayer(AdditiveDeltaLayer, BaseTunerLayer):
     def effective_weight64(self, adapter_name: str, include_base: bool = True) -> torch.Tensor:
         """``W = W_core + W_extra`` (or ``W - W0``) in float64, in the base weight's layout."""
         weight = self.core_weight64(adapter_name, include_base=include_base)
-        if self.inner_kind != "MPO" and adapter_name in self.calisr_extra:
-            weight = weight + self.calisr_extra[adapter_name].detach().to(torch.float64)
-        return weight
+        extra = self._dense_extras(adapter_name).get("weight")
+        return weight if extra is None else weight + extra.detach().to(torch.float64)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Dense ``W - W0`` of ``adapter_name`` (inner delta plus W_extra), base weight layout and dtype."""
         weight = self.get_base_layer().weight
         with torch.no_grad():
             delta = self.inner_delta_weight(adapter_name).to(weight.dtype)
-            if self.inner_kind != "MPO" and adapter_name in self.calisr_extra:
-                delta = delta + self.calisr_extra[adapter_name].detach().to(weight.dtype)
+            extra = self._dense_extras(adapter_name).get("weight")
+            if extra is not None:
+                delta = delta + extra.detach().to(weight.dtype)
         return delta
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Fold W_core and W_extra of the given (default: active) adapters into the base weight."""
+        """Fold W_core and W_extra of the given (default: active) adapters into the base tensors."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
-        inner_todo = [a for a in adapter_names if a not in self.inner.merged_adapters]
-        weight = self.get_base_layer().weight
-        extras = [a for a in adapter_names if self.inner_kind != "MPO" and a in self.calisr_extra]
+        leaf = self.get_base_layer()
         if safe_merge:
             with torch.no_grad():
-                check = weight.data.clone()
-                for adapter in extras:
-                    check += self.calisr_extra[adapter].detach().to(weight.dtype)
-                if not torch.isfinite(check).all():
-                    raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_names} seems broken.")
-        if inner_todo:
-            self.inner.merge(safe_merge=safe_merge, adapter_names=inner_todo)
+                for tensor_name in self.tensor_names:
+                    check = getattr(leaf, tensor_name).data.clone()
+                    for adapter in adapter_names:
+                        extra = self._dense_extras(adapter).get(tensor_name)
+                        if extra is not None:
+                            check += extra.detach().to(check.dtype)
+                    if not torch.isfinite(check).all():
+                        raise ValueError(
+                            f"NaNs detected in the merged weights. The adapter {adapter_names} seems broken."
+                        )
+        if self.inner is not None:
+            inner_todo = [a for a in adapter_names if a not in self.inner.merged_adapters and self._inner_has(a)]
+            if inner_todo:
+                self.inner.merge(safe_merge=safe_merge, adapter_names=inner_todo)
         with torch.no_grad():
-            for adapter in extras:
-                weight.data += self.calisr_extra[adapter].detach().to(weight.dtype)
+            for adapter in adapter_names:
+                for tensor_name, extra in self._dense_extras(adapter).items():
+                    target = getattr(leaf, tensor_name)
+                    target.data += extra.detach().to(target.dtype)
         self.merged_adapters.extend(adapter_names)
 
-    def _merged_delta(self, adapter: str):
-        """W_extra (merging also merged the inner layer, undone in :meth:`_after_unmerge`); MPO's lives inside."""
-        if self.inner_kind != "MPO" and adapter in self.calisr_extra:
-            return self.calisr_extra[adapter].detach()
-        return None
-
-    def _after_unmerge(self) -> None:
-        if self.inner.merged:
+    def unmerge(self) -> None:
+        """Subtract the merged W_extra again (newest first), then unmerge the inner layer."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        leaf = self.get_base_layer()
+        with torch.no_grad():
+            while self.merged_adapters:
+                for tensor_name, extra in self._dense_extras(self.merged_adapters.pop()).items():
+                    target = getattr(leaf, tensor_name)
+                    target.data -= extra.detach().to(target.dtype)
+        if self.inner is not None and self.inner.merged:
             self.inner.unmerge()
 
     # ------------------------------------------------------------------ forward
     def dispatch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``inner(x)`` with ``W0`` replaced by ``W0 + sum of active W_extra`` (LoRA/SAM), else ``inner(x)``."""
+        """The inner layer (or module) with its weight and bias replaced by ``tensor + sum of active W_extra``."""
         if self.disable_adapters:
             return self.disabled_forward(x, *args, **kwargs)
-        if self.merged or self.inner_kind == "MPO":
+        if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        extras = [self.calisr_extra[a] for a in self.active_adapters if a in self.calisr_extra]
-        if not extras:
+        leaf = self.get_base_layer()
+        deltas: dict[str, torch.Tensor] = {}
+        for adapter in self.active_adapters:
+            for tensor_name, extra in self._dense_extras(adapter).items():
+                dtype = getattr(leaf, tensor_name).dtype
+                found = deltas.get(tensor_name)
+                deltas[tensor_name] = extra.to(dtype) if found is None else found + extra.to(dtype)
+        if not deltas:
             return self.base_layer(x, *args, **kwargs)
         if self.inner_kind == "SAM":
-            self.inner.refresh_base()  # before functional_call swaps the weight SAM writes its entries into
-        leaf = self.get_base_layer()
-        weight = leaf.weight
-        if "weight" in vars(leaf):
-            # A wrapper (FSDP with use_orig_params) has set the weight as a plain attribute for this forward, which
-            # shadows the registered one functional_call swaps: add x W_extra^T to inner(x) instead.
-            delta = extras[0].to(weight.dtype)
-            for extra in extras[1:]:
-                delta = delta + extra.to(weight.dtype)
+            self.inner.refresh_base()  # before functional_call swaps the tensors SAM writes its entries into
+        if any(tensor_name in vars(leaf) for tensor_name in deltas):
+            # A wrapper (FSDP with use_orig_params) has set the tensors as plain attributes for this forward, which
+            # shadow the registered ones functional_call swaps: add the deltas' contribution to the output instead.
             out = self.base_layer(x, *args, **kwargs)
-            return out + F.linear(x.to(delta.dtype), delta.t() if self._is_conv1d else delta).to(out.dtype)
-        for extra in extras:
-            weight = weight + extra.to(weight.dtype)
-        return torch.func.functional_call(
-            self.base_layer, {self._weight_path: weight}, (x, *args), kwargs, tie_weights=False, strict=False
-        )
+            extra = None if args or kwargs else _extra_contribution(leaf, x, deltas, self._is_conv1d)
+            if extra is None:
+                raise NotImplementedError(
+                    f"CaliSr's full-fine-tuning part of a {type(leaf).__name__} cannot run while a wrapper (FSDP with "
+                    "use_orig_params=True) sets its parameters as plain attributes (supported there: Linear, Conv1D, "
+                    "Embedding, LayerNorm). Leave the module out with CaliSrConfig(exclude_modules=[...])."
+                )
+            return out + extra.to(out.dtype)
+        params = {self._path(name): getattr(leaf, name) + delta for name, delta in deltas.items()}
+        return torch.func.functional_call(self.base_layer, params, (x, *args), kwargs, tie_weights=False, strict=False)
 
     def __repr__(self) -> str:
         return "calisr." + super().__repr__()
 
 
-class Linear(nn.Module, CaliSrLayer):
-    """CaliSr on an inner LoRA / SAM / MPO layer around ``nn.Linear`` or transformers ``Conv1D``."""
+class CaliSrModule(nn.Module, CaliSrLayer):
+    """CaliSr around one module: an inner LoRA / SAM / MPO layer, or a module the wrapped method does not adapt."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config, group: str, **kwargs: Any) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, group: str | None, **kwargs: Any) -> None:
         super().__init__()
         CaliSrLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name

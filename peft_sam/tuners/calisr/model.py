@@ -1,10 +1,12 @@
-"""CaliSrModel: injects the wrapped lightweight method (LoRA, SAM or MPO), then wraps its Linear/Conv1D layers of the
-configured component groups in CaliSr layers that add the full-fine-tuning part ``W_extra``."""
+"""CaliSrModel: injects the wrapped lightweight method (LoRA, SAM or MPO), then wraps every backbone module full
+fine-tuning would train (the wrapped method's layers and the modules it leaves alone) in CaliSr layers that add the
+full-fine-tuning part ``W_extra``; the Linear/Conv1D matrices of the component groups are the ones measured."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -16,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .._common import UnloadKeepsModules, resolve_adapter_config
 from .config import CaliSrConfig
-from .layer import CaliSrLayer, Linear
+from .layer import CaliSrLayer, CaliSrModule, own_tensor_names
 
 _INJECTING_ATTR = "_calisr_pending_targets"
 
@@ -70,6 +72,11 @@ def _calisr_layers_unwrapped(model: nn.Module) -> Iterator[None]:
     finally:
         for parent, name, layer in wrapped:
             current = getattr(parent, name)
+            if current is not layer.base_layer and layer.inner is None and isinstance(current, BaseTunerLayer):
+                # the wrapped method now adapts a module CaliSr held plain (another adapter targets it): wrap its layer
+                if current.get_base_layer() is layer.base_layer:
+                    layer.base_layer = current
+                    layer.bind_inner()
             if current is not layer.base_layer:
                 raise RuntimeError(
                     f"The wrapped method replaced the layer {name!r} instead of updating it; CaliSr adapters on one "
@@ -94,6 +101,30 @@ def _refuse_transformers_load_adapter() -> None:
                 "peft_sam.PeftModel.from_pretrained(model, path) or AutoPeftModelFor*.from_pretrained(path) instead."
             )
         frame = frame.f_back
+
+
+def _ends_with_any(key: str, names) -> bool:
+    return any(key == n or key.endswith("." + n) for n in names or [])
+
+
+def _excluded(exclude_modules, key: str) -> bool:
+    """PEFT's ``exclude_modules`` rule: a string is a full regex match, a list matches names or name suffixes."""
+    if not exclude_modules:
+        return False
+    if isinstance(exclude_modules, str):
+        return re.fullmatch(exclude_modules, key) is not None
+    return _ends_with_any(key, exclude_modules)
+
+
+def _shared_tensor_ids(model: nn.Module) -> set[int]:
+    """ids of the tensors registered by more than one module or under more than one name (tied embeddings, a
+    module reused in two places): a W_extra there would reach only one of its uses, so they get none."""
+    seen: dict[int, int] = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        for tensor in module._parameters.values():
+            if tensor is not None:
+                seen[id(tensor)] = seen.get(id(tensor), 0) + 1
+    return {i for i, n in seen.items() if n > 1}
 
 
 def wrapped_inner_ids(model: nn.Module) -> set[int]:
@@ -130,11 +161,12 @@ class CaliSrModel(UnloadKeepsModules, BaseTuner):
         if isinstance(target, CaliSrLayer):
             target.update_layer(adapter_name, peft_config, group=group)
         else:
-            new_module = Linear(target, adapter_name, peft_config, group=group)
+            new_module = CaliSrModule(target, adapter_name, peft_config, group=group)
             self._replace_module(parent, target_name, new_module, target)
             target = new_module
-        if adapter_name not in self.active_adapters and adapter_name in target.calisr_extra:
-            target.calisr_extra[adapter_name].requires_grad_(False)
+        if adapter_name not in self.active_adapters:
+            for param in target.extra_parameters(adapter_name):
+                param.requires_grad_(False)
 
     def _check_same_wrapped_type(self, adapter_name: str) -> None:
         config = self.peft_config[adapter_name]
@@ -206,42 +238,73 @@ class CaliSrModel(UnloadKeepsModules, BaseTuner):
             delattr(self, _INJECTING_ATTR)
 
     @staticmethod
-    def _calisr_targets(model: nn.Module, config: CaliSrConfig, adapter_name: str) -> dict[str, str]:
-        """{module name: group} of the adapted Linear/Conv1D modules that match a group pattern."""
+    def _calisr_targets(model: nn.Module, config: CaliSrConfig, adapter_name: str) -> dict[str, str | None]:
+        """{module name: group or None} of every backbone module full fine-tuning trains (Algorithm 1: "fine-tune
+        model with all parameters"): the wrapped method's top-level layers and every other module with its own
+        ``weight`` / ``bias``, except the task head (``modules_to_save``), ``exclude_modules`` and modules whose
+        tensors are shared with another module (tied input/output embeddings). Linear/Conv1D matrices matching a group
+        pattern get that group, whatever the wrapped method adapts; everything else gets None."""
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
         inside = wrapped_inner_ids(model)
-        # as PEFT's "all-linear", not the output embedding layer: its weight is often tied to the input embeddings,
-        # where a dense W_extra would change both (the wrapped method itself may still adapt it)
-        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        output = output.get_base_layer() if isinstance(output, BaseTunerLayer) else output
-        targets, unmatched = {}, []
+        skip_prefixes, candidates = [], []
         for key, module in model.named_modules():
-            if not isinstance(module, BaseTunerLayer) or id(module) in inside:
+            if any(key.startswith(p) for p in skip_prefixes):
                 continue
-            inner = module.base_layer if isinstance(module, CaliSrLayer) else module
-            if not isinstance(inner.get_base_layer(), (nn.Linear, Conv1D)) or inner.get_base_layer() is output:
+            if isinstance(module, AuxiliaryTrainingWrapper) or _ends_with_any(key, config.modules_to_save):
+                skip_prefixes.append(key + ".")
                 continue
-            if adapter_name not in inner._all_available_adapter_names():
+            if isinstance(module, BaseTunerLayer):
+                skip_prefixes.append(key + ".")
+                if id(module) not in inside:
+                    candidates.append((key, module))
                 continue
-            group = config.group_of(key)
-            if group is None:
-                unmatched.append(key)
+            if own_tensor_names(module):
+                candidates.append((key, module))
+        shared = _shared_tensor_ids(model)
+        targets: dict[str, str | None] = {}
+        matrices: list[str] = []
+        for key, module in candidates:
+            leaf = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            names = own_tensor_names(leaf)
+            if not names or _excluded(config.exclude_modules, key):
                 continue
+            if any(id(getattr(leaf, n)) in shared for n in names):
+                continue
+            is_matrix = isinstance(leaf, (nn.Linear, Conv1D))
+            group = config.group_of(key) if is_matrix else None
+            if is_matrix:
+                matrices.append(key)
             targets[key] = group
-        if not targets and config.groups is None and unmatched:
-            # an architecture the default attention / FFN patterns do not know: one group of all adapted matrices
+        grouped = {g for g in targets.values() if g is not None}
+        if not grouped and config.groups is None and matrices:
+            # an architecture the default attention / FFN patterns do not know: one group of all its matrices
             warnings.warn(
-                "No adapted module matches CaliSr's default attention/FFN name patterns; all adapted Linear/Conv1D "
-                f"modules ({len(unmatched)}) form one group 'model'. Set CaliSrConfig.groups for per-component groups.",
+                "No module matches CaliSr's default attention/FFN name patterns; all Linear/Conv1D matrices "
+                f"({len(matrices)}) form one group 'model'. Set CaliSrConfig.groups for per-component groups.",
                 stacklevel=3,
             )
-            return {key: "model" for key in unmatched}
-        if not targets:
+            return {key: ("model" if key in matrices else None) for key in targets}
+        if not grouped:
             raise ValueError(
-                f"CaliSr found no adapted Linear/Conv1D module whose name matches a group pattern "
-                f"({config.resolved_groups}); the wrapped {config.adapter_type} adapter adapts "
-                f"{unmatched[:5] or 'no Linear/Conv1D module'}. "
-                "Adjust CaliSrConfig.groups or the wrapped config's target_modules."
+                f"CaliSr found no Linear/Conv1D matrix whose name matches a group pattern ({config.resolved_groups}); "
+                f"the model's matrices are e.g. {matrices[:5] or 'none'}. Adjust CaliSrConfig.groups."
             )
+        if config.variant == "S":
+            configured = list(config.resolved_groups)
+            empty = [g for g in configured if g not in grouped]
+            if config.groups is not None and empty:
+                warnings.warn(
+                    f"CaliSr groups {empty} match no Linear/Conv1D matrix of the model; only {sorted(grouped)} will "
+                    "be measured and switched.",
+                    stacklevel=3,
+                )
+            if len(grouped) == 1 and len(configured) > 1:
+                warnings.warn(
+                    f"CaliSr-S found a single component group ({next(iter(grouped))!r}) on this model, so it behaves "
+                    "as CaliSr-D. Set CaliSrConfig.groups to split the matrices into components.",
+                    stacklevel=3,
+                )
         return targets
 
     # ------------------------------------------------------------------ PEFT API that must reach both layer kinds
@@ -275,7 +338,9 @@ class CaliSrModel(UnloadKeepsModules, BaseTuner):
         )
         if config.extra_dtype is not None:
             dtype = getattr(torch, config.extra_dtype)
-            markers = (f".calisr_extra.{adapter_name}", f".mpo_central_delta.{adapter_name}")
+            markers = tuple(
+                f".{slot}.{adapter_name}" for slot in ("calisr_extra", "calisr_extra_bias", "mpo_central_delta")
+            )
             for key, tensor in to_return.items():
                 if key.endswith(markers) and tensor.is_floating_point():
                     to_return[key] = tensor.to(dtype)
@@ -323,7 +388,7 @@ def sam_selection_view(model: nn.Module, adapter_name: str | None = None) -> Ite
         yield
         return
     layers = [m for _, m in calisr_layers(model)]
-    flags = [(p, p.requires_grad) for m in layers for p in m.calisr_extra.values()]
+    flags = [(p, p.requires_grad) for m in layers for d in (m.calisr_extra, m.calisr_extra_bias) for p in d.values()]
     disabled = [m for m in layers if not m.disable_adapters]
     configs[name] = config.adapter
     try:
@@ -349,10 +414,7 @@ def calisr_size_report(model: nn.Module, adapter_name: str | None = None) -> dic
     from peft.utils import get_peft_model_state_dict
 
     adapter_name, config = _calisr_config(model, adapter_name)
-    extras = {
-        id(layer.extra_parameter(adapter_name)): layer.extra_parameter(adapter_name)
-        for _, layer in calisr_layers(model, adapter_name)
-    }
+    extras = {id(p): p for _, layer in calisr_layers(model, adapter_name) for p in layer.extra_parameters(adapter_name)}
     inner_params: dict[int, torch.Tensor] = {}
     for module in model.modules():
         if isinstance(module, BaseTunerLayer) and not isinstance(module, CaliSrLayer):
