@@ -263,12 +263,11 @@ def build(method: str, base, batches: list[dict], p: float, calib_batches: int):
         peft_sam.select_parameters(model, batches, num_batches=calib_batches, show_progress=False)
     params = [p_ for p_ in model.parameters() if p_.requires_grad and p_.numel()]
     lr = TABLE[name].default_lr
-    controller = None
     if name == "calisr":
-        from peft_sam import calisr_param_groups
-
-        optimizer = torch.optim.AdamW(calisr_param_groups(model), lr=lr, foreach=True)
-        controller = peft_sam.CaliSrController(model, optimizer, total_steps=10**6, steps_per_epoch=10**6)
+        groups = peft_sam.calisr_param_groups(model)
+        optimizer = peft_sam.CaliSrOptimizer(
+            torch.optim.AdamW(groups, lr=lr, foreach=True), model, total_steps=10**6, steps_per_epoch=10**6
+        )
     else:
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True)
     model.train()
@@ -278,10 +277,7 @@ def build(method: str, base, batches: list[dict], p: float, calib_batches: int):
         loss.backward()
         trainable = [p_ for p_ in model.parameters() if p_.grad is not None]
         torch.nn.utils.clip_grad_norm_(trainable, 1.0, foreach=True)
-        if controller is not None:
-            controller.step()
-        else:
-            optimizer.step()
+        optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return model, optimizer, step

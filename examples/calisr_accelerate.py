@@ -1,11 +1,13 @@
 """CaliSr-S around LoRA on MRPC with a plain Accelerate loop: full fine-tuning first, then each component group
-(attention, FFN1, FFN2) switches to LoRA once its stable-rank score says so. ``controller.step()`` replaces
-``optimizer.step()``; W_extra (the full-FT part) has its own learning rate.
+(attention, FFN1, FFN2) switches to LoRA once its stable-rank score says so. ``CaliSrOptimizer`` wraps the AdamW
+before ``accelerator.prepare``: its ``step()`` splits, measures and switches; W_extra (the full-FT part) has its own
+learning rate.
 
     python examples/calisr_accelerate.py                   # MiniLM, 2 epochs on 1000 pairs: a few minutes on a CPU
 """
 
 import argparse
+import math
 
 import torch
 from accelerate import Accelerator
@@ -44,16 +46,12 @@ def main() -> None:
     accelerator = Accelerator(cpu=args.cpu)
     model_path, data, collator, train_dl, eval_dl = dataloaders(args)
     model, groups = calisr_model(args, model_path)
-    optimizer = torch.optim.AdamW(groups)
-
-    def make_step(model, optimizer, steps_per_epoch, total_steps):
-        controller = peft_sam.CaliSrController(
-            model, optimizer, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-            log_path=f"{args.output_dir}/calisr.jsonl" if accelerator.is_main_process else None,
-        )  # fmt: skip
-        return controller.step  # split steps, stable-rank measurements, switches
-
-    model = train(accelerator, model, optimizer, train_dl, eval_dl, args.epochs, make_step=make_step)
+    steps_per_epoch = math.ceil(len(train_dl) / accelerator.num_processes)  # optimizer steps of each process
+    optimizer = peft_sam.CaliSrOptimizer(
+        torch.optim.AdamW(groups), model, steps_per_epoch=steps_per_epoch, total_steps=args.epochs * steps_per_epoch,
+        log_path=f"{args.output_dir}/calisr.jsonl" if accelerator.is_main_process else None,
+    )  # fmt: skip
+    model = train(accelerator, model, optimizer, train_dl, eval_dl, args.epochs)
     save_and_reload(accelerator, model, args.output_dir, model_path, eval_dl)  # LoRA + W_extra, reloads exactly
 
 

@@ -1,5 +1,6 @@
-"""CaliSr-S around LoRA on MRPC with the transformers ``Trainer``: ``CaliSrCallback`` drives the switch inside the
-Trainer's own optimizer step; W_extra (the full-FT part) gets its own learning rate through ``optimizers=``.
+"""CaliSr-S around LoRA on MRPC with the transformers ``Trainer``: the Trainer steps a ``CaliSrOptimizer`` (given
+through ``optimizers=``, W_extra with its own learning rate), whose step splits, measures and switches;
+``CaliSrCallback`` gives it the schedule and checkpoints its state.
 
     python examples/calisr_trainer.py                      # MiniLM, 2 epochs on 1000 pairs: a few minutes on a CPU
 """
@@ -22,10 +23,9 @@ def main() -> None:
 
     model_path, data, collator, _, _ = dataloaders(args)
     model, groups = calisr_model(args, model_path)
+    optimizer = peft_sam.CaliSrOptimizer(torch.optim.AdamW(groups), model, log_path=f"{args.output_dir}/calisr.jsonl")
     trainer = make_trainer(
-        args, model, data, collator,
-        optimizers=(torch.optim.AdamW(groups), None),
-        callbacks=[peft_sam.CaliSrCallback(log_path=f"{args.output_dir}/calisr.jsonl")],
+        args, model, data, collator, optimizers=(optimizer, None), callbacks=[peft_sam.CaliSrCallback()]
     )  # fmt: skip
     trainer.train()
     print(trainer.evaluate())

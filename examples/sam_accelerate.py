@@ -28,18 +28,16 @@ def evaluate(model, loader, accelerator) -> float:
     return correct / total
 
 
-def train(accelerator, model, optimizer, train_dl, eval_dl, epochs: int, make_step=None):
-    """A linear schedule with 6 % warm-up. ``make_step(model, optimizer, steps_per_epoch, total_steps)``, if given,
-    returns what to call instead of ``optimizer.step`` (CaliSr's controller)."""
+def train(accelerator, model, optimizer, train_dl, eval_dl, epochs: int):
+    """A linear schedule with 6 % warm-up."""
     steps = epochs * len(train_dl)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(0.06 * steps), steps)
     model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
-    step = make_step(model, optimizer, len(train_dl), steps) if make_step else optimizer.step
     for epoch in range(epochs):
         model.train()
         for batch in train_dl:
             accelerator.backward(model(**batch).loss)
-            step()
+            optimizer.step()
             scheduler.step()
             optimizer.zero_grad()
         accelerator.print(f"epoch {epoch}: validation accuracy {evaluate(model, eval_dl, accelerator):.4f}")

@@ -16,6 +16,7 @@ from .tuners.calisr import (
     CaliSrConfig,
     CaliSrController,
     CaliSrModel,
+    CaliSrOptimizer,
     calisr_param_groups,
     calisr_size_report,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "CaliSrCallback",
     "CaliSrConfig",
     "CaliSrController",
+    "CaliSrOptimizer",
     "MPOConfig",
     "MPOLayer",
     "MPOModel",

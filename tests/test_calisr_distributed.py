@@ -85,3 +85,69 @@ def test_same_switch_step_and_parameters_on_one_and_two_processes(tmp_path):
         assert run["history"] == single["history"], rank  # same SR values, decisions and switch steps
         for name, value in single["params"].items():
             assert torch.equal(run["params"][name], value), (rank, name)
+
+
+# ---------------------------------------------------------------------------------------------------- DDP traffic
+def _counting_allreduce(state, bucket):
+    """DDP's default hook (average all-reduce of the whole bucket), counting the elements it sends."""
+    buffer = bucket.buffer()
+    state.elements += buffer.numel()
+    buffer.div_(dist.get_world_size())
+    return dist.all_reduce(buffer, async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+def _traffic_run(method: str, hook: str):
+    """Per-step all-reduced gradient elements and the final parameters of a 2-process DDP run."""
+    from conftest import make_batches, tiny_bert
+    from peft import LoraConfig, get_peft_model
+
+    from peft_sam import CaliSrConfig, CaliSrOptimizer, calisr_param_groups
+    from peft_sam.tuners.calisr import CaliSrCommState, calisr_comm_hook
+
+    lora = LoraConfig(r=4, target_modules=["query", "key", "value", "dense"], task_type="SEQ_CLS")
+    if method == "calisr":
+        model = get_peft_model(tiny_bert(0), CaliSrConfig(adapter=lora, task_type="SEQ_CLS", switch_at=0.5))
+        optimizer = CaliSrOptimizer(torch.optim.AdamW(calisr_param_groups(model), lr=3e-3), model, total_steps=STEPS)
+    else:
+        model = get_peft_model(tiny_bert(0), lora)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.eval()
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    state = CaliSrCommState()
+    ddp.register_comm_hook(state, calisr_comm_hook if hook == "calisr" else _counting_allreduce)
+    counts = []
+    for batch in make_batches(num=STEPS, seed=1):
+        before = state.elements
+        ddp(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        counts.append(state.elements - before)
+    return {"counts": counts, "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
+def _traffic_worker(rank, world, port, out_dir):
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        runs = {key: _traffic_run(*key.split("+")) for key in ("calisr+calisr", "calisr+default", "lora+default")}
+        torch.save(runs, os.path.join(out_dir, f"traffic{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_comm_hook_sends_only_what_trains_after_the_switch(tmp_path):
+    """After the switch (step 3 of 6) the hook all-reduces no more than plain LoRA's DDP does (LoRA + head), the
+    default hook still sends every W_extra slot; the parameters are identical with either hook."""
+    mp.spawn(_traffic_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    runs = torch.load(tmp_path / "traffic0.pt", weights_only=False)
+    hooked, default, lora = (runs[k]["counts"] for k in ("calisr+calisr", "calisr+default", "lora+default"))
+    assert hooked[:3] == default[:3]  # full fine-tuning: everything trains, everything is reduced
+    for after, plain in zip(hooked[3:], lora[3:]):
+        assert after <= 1.05 * plain
+    assert min(default[3:]) > 3 * max(lora[3:])  # without the hook the frozen W_extra slots still travel
+    for name, value in runs["calisr+default"]["params"].items():
+        assert torch.equal(runs["calisr+calisr"]["params"][name], value), name

@@ -229,7 +229,7 @@ def build_peft_model(
     the head goes into ``modules_to_save`` explicitly). ``total_steps`` is required by ``adalora``.
     ``method="calisr"`` wraps the config of ``calisr_adapter`` (lora, mpo or sam) in a
     :class:`peft_sam.CaliSrConfig` (``calisr_variant`` S/D, ``calisr_delta``, ``calisr_sr_interval``, and
-    ``calisr_switch_at`` for the fixed-switch control); train it with :class:`peft_sam.CaliSrController`.
+    ``calisr_switch_at`` for the fixed-switch control); train it with :class:`peft_sam.CaliSrOptimizer`.
     If ``info.needs_calibration``, call ``peft_sam.select_parameters(model, train_dataloader)`` before
     building the optimizer.
     """

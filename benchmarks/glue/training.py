@@ -100,7 +100,7 @@ class TrainConfig:
         metadata={"help": "--method calisr: lr of W_extra (the full-FT part); default: full FT's default lr"},
     )
     calisr_sr_backend: str = field(
-        default="svd",
+        default="auto",
         metadata={"help": "--method calisr: svd, gram (exact), certified (1e-10; use it on GPUs) or auto (by device)"},
     )
     max_train_samples: int | None = None
@@ -391,13 +391,22 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
     # fixed at the start: a CaliSr switch freezes W_extra, but the best checkpoint must still restore it
     tracked_names = [n for n, _ in _trainable_named(model)]
     params = [p for _, p in _trainable_named(model)]
+    controller = None
     if calisr:
-
         extra_lr = cfg.calisr_extra_lr if cfg.calisr_extra_lr is not None else METHODS["full"].default_lr
         groups = peft_sam.calisr_param_groups(model, weight_decay=cfg.weight_decay)
         for group in groups:
             group["lr"] = extra_lr if group["calisr"] == "extra" else lr
-        optimizer = torch.optim.AdamW(groups, lr=lr)
+        # its step() splits, measures and switches; built before prepare (accelerate scales and clips around it)
+        optimizer = peft_sam.CaliSrOptimizer(
+            torch.optim.AdamW(groups, lr=lr),
+            model,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=total_steps,
+            log_path=out_dir / "calisr.jsonl" if accelerator.is_main_process else None,
+            sr_backend=cfg.calisr_sr_backend,  # "auto": gram on CPU, certified on accelerators
+        )
+        controller = optimizer.controller
     else:
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     # a prepared scheduler steps once per process per optimizer step (accelerate's convention)
@@ -408,19 +417,12 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
         model, optimizer, train_dl, val_dl, test_dl, scheduler
     )
     accelerator.register_for_checkpointing(progress)
-    controller = None
     if calisr:
-        controller = peft_sam.CaliSrController(
-            model,
-            optimizer,
-            steps_per_epoch=steps_per_epoch,
-            total_steps=total_steps,
-            log_path=out_dir / "calisr.jsonl" if accelerator.is_main_process else None,
-            sr_backend=cfg.calisr_sr_backend
-            if cfg.calisr_sr_backend != "auto"
-            else ("svd" if accelerator.device.type == "cpu" else "certified"),
-        )
         accelerator.register_for_checkpointing(controller)
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):  # after a switch, send only what trains
+            from peft_sam.tuners.calisr import CaliSrCommState, calisr_comm_hook
+
+            model.register_comm_hook(CaliSrCommState(), calisr_comm_hook)
     if cfg.resume_from:
         accelerator.load_state(cfg.resume_from)
         say(f"Resumed from {cfg.resume_from} at step {progress.step}")
@@ -474,10 +476,7 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
             accelerator.backward(loss)
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            if controller is not None:
-                controller.step()  # CaliSr: the (split) optimizer step, measurements and switches
-            else:
-                optimizer.step()
+            optimizer.step()
             scheduler.step()
             if info.needs_update_and_allocate:
                 unwrapped.base_model.update_and_allocate(progress.step)

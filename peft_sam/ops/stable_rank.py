@@ -101,7 +101,8 @@ def certified_stable_ranks(
     block: int = 8,
     iters_per_round: int = 4,
     max_rounds: int = 6,
-) -> tuple[Tensor, Tensor]:
+    return_fallbacks: bool = False,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """Stable ranks of same-shape matrices with a certified ``sigma_1^2`` (relative error <= ``rtol``), cheaply.
 
     The exact backends (``svdvals``, ``eigvalsh``) cost a full decomposition per matrix, and on a GPU a slow,
@@ -119,7 +120,8 @@ def certified_stable_ranks(
     (as for the ``gram`` backend), so the stable ranks are within ~``rtol`` of float64 ``svdvals``: 1e-10 against
     the >= 1e-7 relative differences CaliSr resolves. Work per matrix: one Gram product, a few ``G @ V`` products,
     one QR of ``[n, block]`` and one Cholesky, all batched; one host sync per round. Returns ``(stable ranks
-    [B] float64, bases [B, n, block])`` on the matrices' device.
+    [B] float64, bases [B, n, block])`` on the matrices' device, and with ``return_fallbacks`` also a bool mask of
+    the matrices that needed the ``eigvalsh`` fallback.
     """
     mats = torch.stack([_as_matrix(w).detach().to(torch.float64) for w in weights])
     gram = mats.mT @ mats if mats.shape[1] >= mats.shape[2] else mats @ mats.mT
@@ -153,4 +155,5 @@ def certified_stable_ranks(
     if left.numel():
         top = top.index_copy(0, left, torch.linalg.eigvalsh(gram[left])[..., -1])
     safe = torch.where(top > 0, top, torch.ones_like(top))
-    return torch.where(top > 0, fro2 / safe, torch.zeros_like(fro2)), basis
+    values = torch.where(top > 0, fro2 / safe, torch.zeros_like(fro2))
+    return (values, basis, ~done) if return_fallbacks else (values, basis)

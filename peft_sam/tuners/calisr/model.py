@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Iterator
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -154,6 +154,8 @@ class CaliSrModel(UnloadKeepsModules, BaseTuner):
         return peft_config  # targets come from the wrapped config and the group patterns
 
     def _check_target_module_exists(self, peft_config: CaliSrConfig, key: str):
+        if _excluded(peft_config.exclude_modules, key):
+            return _ExcludedModule()  # PEFT counts it (and warns only if exclude_modules matched nothing)
         return key in getattr(self, _INJECTING_ATTR, {})
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
