@@ -253,7 +253,10 @@ def _calisr_info(info: dict[str, Any] | None) -> dict[str, Any] | None:
     """What a CaliSr row keeps: switch step and phase per group, measurement count and cost, sizes."""
     if not info:
         return None
-    keep = ("phase", "switched_at", "measurements", "measure_seconds", "measure_share", "sr_interval", "decide_every")
+    keep = (
+        "phase", "switched_at", "phase_at_best", "final", "measurements", "undecided", "measure_seconds",
+        "measure_share", "sr_interval", "decide_every",
+    )  # fmt: skip
     return {**{k: info[k] for k in keep if k in info}, "sizes": info.get("sizes")}
 
 

@@ -250,6 +250,11 @@ def test_calisr_fixed_switch_in_the_training_loop(tiny_bert: str, tmp_path: Path
     log = [json.loads(line) for line in (tmp_path / "fixed" / "calisr.jsonl").read_text().splitlines()]
     switches = [(e["group"], e["step"]) for e in log if e["event"] == "switch"]
     assert switches == [("attention", 4), ("ffn1", 4), ("ffn2", 4), ("rest", 4)]  # the rest stops with the last
+    # the row says which phase the scored (best-validation) model was in, and scores the final model too
+    expected = "lft" if summary["best_step"] >= 4 else "fft"
+    assert info["phase_at_best"] == {g: expected for g in ("attention", "ffn1", "ffn2")}
+    assert info["final"]["step"] == 8 and set(info["final"]) == {"step", "val", "test"}
+    assert "score" in info["final"]["test"]
 
     # the optimizer no longer holds W_extra, and the final W_extra is non-zero (it trained for 4 steps)
     state = load_file(str(tmp_path / "fixed" / "state" / "model.safetensors"))

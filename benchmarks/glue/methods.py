@@ -222,13 +222,15 @@ def build_peft_model(
     calisr_switch_at: float | None = None,
     calisr_delta: float = 0.5,
     calisr_sr_interval: int | None = None,
+    calisr_decide_every: int | None = None,
 ) -> tuple[nn.Module, MethodInfo]:
     """Wrap ``base_model`` for ``method`` (a key of :data:`METHODS`); returns ``(model, info)``.
 
     The task head stays fully trainable (PEFT's ``SEQ_CLS`` does it for classification; for multiple choice
     the head goes into ``modules_to_save`` explicitly). ``total_steps`` is required by ``adalora``.
     ``method="calisr"`` wraps the config of ``calisr_adapter`` (lora, mpo or sam) in a
-    :class:`peft_sam.CaliSrConfig` (``calisr_variant`` S/D, ``calisr_delta``, ``calisr_sr_interval``, and
+    :class:`peft_sam.CaliSrConfig` (``calisr_variant`` S/D, ``calisr_delta``, ``calisr_sr_interval``,
+    ``calisr_decide_every``, and
     ``calisr_switch_at`` for the fixed-switch control); train it with :class:`peft_sam.CaliSrOptimizer`.
     If ``info.needs_calibration``, call ``peft_sam.select_parameters(model, train_dataloader)`` before
     building the optimizer.
@@ -277,6 +279,7 @@ def build_peft_model(
             variant=calisr_variant,
             delta=calisr_delta,
             sr_interval=calisr_sr_interval,
+            decide_every=calisr_decide_every,
             switch_at=calisr_switch_at,
             **common,
         )

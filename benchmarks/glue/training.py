@@ -92,6 +92,9 @@ class TrainConfig:
         default=None, metadata={"help": "--method calisr: fixed switch after this fraction of training (control)"}
     )
     calisr_delta: float = field(default=0.5, metadata={"help": "--method calisr: switch when SRS > delta"})
+    calisr_decide_every: int | None = field(
+        default=None, metadata={"help": "--method calisr: steps between switch decisions; default one epoch"}
+    )
     calisr_sr_interval: int | None = field(
         default=None, metadata={"help": "--method calisr: steps between SR measurements; default epoch/5"}
     )
@@ -351,6 +354,7 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
         calisr_switch_at=cfg.calisr_switch_at,
         calisr_delta=cfg.calisr_delta,
         calisr_sr_interval=cfg.calisr_sr_interval,
+        calisr_decide_every=cfg.calisr_decide_every,
     )
     progress = _Progress()
     if info.needs_calibration and cfg.resume_from:
@@ -521,6 +525,11 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
     if cfg.save_final_state:
         save_state()
 
+    # ---- CaliSr: the final model is scored too (the best-validation one may predate a switch)
+    final_scores = None
+    if controller is not None:
+        final_scores = {"step": progress.step, "val": evaluate(val_dl), "test": evaluate(test_dl)}
+
     # ---- best checkpoint -> test, save
     with torch.no_grad():
         named = dict(unwrapped.named_parameters())
@@ -557,9 +566,14 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
         test_predictions,
     )
     if controller is not None:
-
-        summary["calisr"] = {**controller.summary(), "sizes": peft_sam.calisr_size_report(unwrapped)}
-        summary["calisr"]["measure_share"] = controller.measure_seconds / max(progress.train_seconds, 1e-9)
+        info_c = {**controller.summary(), "sizes": peft_sam.calisr_size_report(unwrapped)}
+        info_c["measure_share"] = controller.measure_seconds / max(progress.train_seconds, 1e-9)
+        # the phase of each group in the scored (best-validation) model: a switch at step t follows step t's update
+        info_c["phase_at_best"] = {
+            g: "lft" if s is not None and s <= progress.best_step else "fft" for g, s in controller.switched_at.items()
+        }
+        info_c["final"] = final_scores
+        summary["calisr"] = info_c
     if world > 1:
         rank_info = {
             "rank": rank,
