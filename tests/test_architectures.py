@@ -1,8 +1,9 @@
 """The tuners on the models people fine-tune (tiny random configs, no download): SAM (gradient and magnitude
 selection), MPO, CaliSr(LoRA), CaliSr(SAM) and CaliSr(MPO) x BERT, RoBERTa, DistilBERT, ALBERT (shared layers),
-ELECTRA, DeBERTa-v2, GPT-2 (Conv1D), Llama (causal LM, tied embeddings), Qwen2, T5 (seq2seq, tied embeddings) and
-ViT: two training steps, then disable == base, merge/unmerge == forward, a second adapter and back, delete, save ->
-PeftModel.from_pretrained gives the same outputs, merge_and_unload == forward."""
+ELECTRA, DeBERTa-v2, GPT-2 (Conv1D), Llama (causal LM, tied embeddings), Qwen2, T5 (seq2seq, tied embeddings), ViT
+and a plain MLP: two training steps, then disable == base, merge/unmerge == forward, a second adapter and back,
+delete, save -> PeftModel.from_pretrained and transformers' ``load_adapter`` give the same outputs (CaliSr: refused
+with a clear error, by design), merge_and_unload == forward."""
 
 from __future__ import annotations
 
@@ -18,8 +19,28 @@ import peft_sam
 VOCAB = 64
 
 
+class MLP(torch.nn.Module):
+    """PEFT's toy model shape: a plain nn.Sequential body and a classifier head (loss and logits like transformers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Linear(10, 20), torch.nn.ReLU(), torch.nn.LayerNorm(20), torch.nn.Linear(20, 20), torch.nn.ReLU()
+        )
+        self.classifier = torch.nn.Linear(20, 2)
+
+    def forward(self, x, labels=None):
+        from types import SimpleNamespace
+
+        logits = self.classifier(self.body(x))
+        loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels)
+        return SimpleNamespace(loss=loss, logits=logits)
+
+
 def _model(name: str):
     torch.manual_seed(0)
+    if name == "mlp":
+        return MLP(), None
     enc = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
                max_position_embeddings=40, vocab_size=VOCAB, num_labels=2)  # fmt: skip
     dec = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -57,6 +78,8 @@ def _model(name: str):
 
 def _batch(name: str) -> dict:
     gen = torch.Generator().manual_seed(0)
+    if name == "mlp":
+        return {"x": torch.randn(2, 10, generator=gen), "labels": torch.tensor([0, 1])}
     if name == "vit":
         return {"pixel_values": torch.randn(2, 3, 16, 16, generator=gen), "labels": torch.tensor([0, 1])}
     ids = torch.randint(2, VOCAB, (2, 8), generator=gen)
@@ -68,7 +91,7 @@ def _batch(name: str) -> dict:
 
 
 def _config(tuner: str, task: str | None, name: str, seed: int = 0):
-    head = ["classifier"] if name == "vit" else None  # no PEFT task type for image classification
+    head = ["classifier"] if name in ("vit", "mlp") else None  # no PEFT task type for these heads
     if tuner == "sam":
         return peft_sam.SAMConfig(p=0.05, task_type=task, modules_to_save=head, seed=seed)
     if tuner == "sam_magnitude":
@@ -90,7 +113,7 @@ def _outputs(model, batch):
 
 
 ARCHITECTURES = [
-    "bert", "roberta", "distilbert", "albert", "electra", "deberta-v2", "gpt2", "llama", "qwen2", "t5", "vit",
+    "bert", "roberta", "distilbert", "albert", "electra", "deberta-v2", "gpt2", "llama", "qwen2", "t5", "vit", "mlp",
 ]  # fmt: skip
 TUNERS = ["sam", "sam_magnitude", "mpo", "calisr_lora", "calisr_sam", "calisr_mpo"]
 
@@ -144,6 +167,14 @@ def test_train_disable_save_load_merge(name: str, tuner: str, tmp_path) -> None:
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(_model(name)[0], tmp_path).eval()
     torch.testing.assert_close(_outputs(loaded, batch), adapted, atol=1e-6, rtol=0)
+    if name != "mlp":  # transformers' load_adapter (a transformers model only)
+        hf = _model(name)[0]
+        if tuner.startswith("calisr"):  # by design: its wrapped tensors carry the wrapped method's names
+            with pytest.raises(NotImplementedError, match="PeftModel.from_pretrained"):
+                hf.load_adapter(str(tmp_path))
+        else:
+            hf.load_adapter(str(tmp_path))
+            torch.testing.assert_close(_outputs(hf.eval(), batch), adapted, atol=1e-6, rtol=0)
     merged = copy.deepcopy(model).merge_and_unload()
     assert not any(isinstance(m, (peft_sam.SAMLayer, peft_sam.MPOLayer)) for m in merged.modules())
     torch.testing.assert_close(_outputs(merged, batch), adapted, atol=1e-4, rtol=0)
