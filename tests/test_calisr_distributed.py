@@ -56,7 +56,8 @@ def _run(world: int = 1):
     return {"history": controller.history, "switched_at": controller.switched_at, "params": params}
 
 
-def _worker(rank, world, port, out_dir):
+def _worker(rank, world, port, out_dir, job="switch"):
+    """One gloo process: runs ``job`` and saves its result as ``{job}{rank}.pt``."""
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
@@ -64,7 +65,11 @@ def _worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        torch.save(_run(world), os.path.join(out_dir, f"rank{rank}.pt"))
+        if job == "switch":
+            result = _run(world)
+        else:  # "traffic"
+            result = {key: _traffic_run(*key.split("+")) for key in ("calisr+calisr", "calisr+default", "lora+default")}
+        torch.save(result, os.path.join(out_dir, f"{job}{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -80,7 +85,7 @@ def test_same_switch_step_and_parameters_on_one_and_two_processes(tmp_path):
     assert switched and len(switched) < 3  # a real SRS decision switched some group, not all
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
-        run = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        run = torch.load(tmp_path / f"switch{rank}.pt", weights_only=False)
         assert run["switched_at"] == single["switched_at"], rank
         assert run["history"] == single["history"], rank  # same SR values, decisions and switch steps
         for name, value in single["params"].items():
@@ -125,24 +130,10 @@ def _traffic_run(method: str, hook: str):
     return {"counts": counts, "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
 
 
-def _traffic_worker(rank, world, port, out_dir):
-    import sys
-
-    sys.path.insert(0, os.path.dirname(__file__))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        runs = {key: _traffic_run(*key.split("+")) for key in ("calisr+calisr", "calisr+default", "lora+default")}
-        torch.save(runs, os.path.join(out_dir, f"traffic{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_ddp_comm_hook_sends_only_what_trains_after_the_switch(tmp_path):
     """After the switch (step 3 of 6) the hook all-reduces no more than plain LoRA's DDP does (LoRA + head), the
     default hook still sends every W_extra slot; the parameters are identical with either hook."""
-    mp.spawn(_traffic_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), "traffic"), nprocs=2, join=True)
     runs = torch.load(tmp_path / "traffic0.pt", weights_only=False)
     hooked, default, lora = (runs[k]["counts"] for k in ("calisr+calisr", "calisr+default", "lora+default"))
     assert hooked[:3] == default[:3]  # full fine-tuning: everything trains, everything is reduced
