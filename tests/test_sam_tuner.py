@@ -111,6 +111,31 @@ def test_auto_peft_model_and_transformers_load_adapter(tmp_path):
     assert_auto_loads(tmp_path, SAMConfig(p=0.05, task_type="SEQ_CLS"), calibrate)
 
 
+def test_transformers_load_adapter_with_a_layer_without_entries_trains(tmp_path):
+    """A layer whose tensors got no entries at all (their gradient was zero) has nothing in the file, so transformers'
+    load_adapter leaves its placeholders as they were; the other layers' entries show a selection happened, so the
+    loaded model trains and evaluates without a 'not calibrated' error or warning."""
+    import warnings
+
+    model = get_peft_model(tiny_bert(0), SAMConfig(p=0.05, task_type="SEQ_CLS"))
+    peft_sam.select_parameters(model, make_batches(), num_batches=2, show_progress=False)
+    empty = dict(_sam_layers(model))["base_model.model.bert.encoder.layer.0.attention.self.key"]
+    for tensor_name in ("weight", "bias"):
+        empty.set_entries("default", tensor_name, torch.empty(0, dtype=torch.long))
+    train(model, steps=2)
+    model.save_pretrained(tmp_path)
+    batch = make_batches(seed=3)[0]
+    hf = tiny_bert(0)
+    hf.load_adapter(str(tmp_path), is_trainable=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        torch.testing.assert_close(logits(hf, batch), logits(model, batch), atol=1e-6, rtol=0)
+        hf.train()
+        hf(**batch).loss.backward()  # trains: no SAMNotCalibratedError
+    layer = dict(hf.named_modules())["bert.encoder.layer.0.attention.self.key"]
+    assert not layer.is_pending("default") and "default" not in layer.sam_indices  # no entries, not pending
+
+
 @pytest.mark.parametrize("model_name", ["bert", "gpt2", "llama"])
 def test_merge_equals_forward_and_unmerge_restores_exactly(model_name):
     model = _calibrated(model_name)

@@ -5,13 +5,12 @@ full-fine-tuning part ``W_extra``; the Linear/Conv1D matrices of the component g
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import sys
 import warnings
 from collections.abc import Iterator
 
 import torch
+from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -85,22 +84,22 @@ def _calisr_layers_unwrapped(model: nn.Module) -> Iterator[None]:
             setattr(parent, name, layer)
 
 
-def _refuse_transformers_load_adapter() -> None:
-    """transformers' ``model.load_adapter`` renames only checkpoint keys holding the method prefix (``calisr_``), so
-    the wrapped method's tensors (``lora_A``, ``sam_values``, ``mpo_aux``, ...) would silently keep their initial
-    values. Refuse with a clear error instead (``model.add_adapter`` is fine: it loads nothing)."""
-    frame = sys._getframe(1)
-    for _ in range(12):
-        if frame is None:
-            return
-        code = frame.f_code
-        if code.co_name == "load_adapter" and f"transformers{os.sep}integrations" in code.co_filename:
-            raise NotImplementedError(
-                "transformers' model.load_adapter cannot load a CaliSr adapter (it only renames keys with the "
-                "'calisr_' prefix, the wrapped LoRA/SAM/MPO tensors would stay untrained). Load it with "
-                "peft_sam.PeftModel.from_pretrained(model, path) or AutoPeftModelFor*.from_pretrained(path) instead."
-            )
-        frame = frame.f_back
+def _refuse_direct_injection(peft_config) -> None:
+    """A CaliSr adapter is made and loaded through ``PeftModel`` only (which hands its tuner a dict of configs).
+
+    The other paths hand the tuner a bare config: ``peft.inject_adapter_in_model``, used by transformers'
+    ``model.load_adapter`` / ``add_adapter``, and ``PeftMixedModel``. transformers' loader renames only checkpoint keys
+    holding the method prefix (``calisr_``), so the wrapped method's tensors (``lora_A``, ``sam_values``,
+    ``mpo_aux``, ...) would silently keep their initial values; refuse them all with a clear error.
+    """
+    if isinstance(peft_config, PeftConfig):
+        raise NotImplementedError(
+            "A CaliSr adapter cannot be injected into a model directly (transformers' model.load_adapter / "
+            "add_adapter, peft.inject_adapter_in_model, PeftMixedModel): transformers' loader only renames keys with "
+            "the 'calisr_' prefix, so the wrapped LoRA/SAM/MPO tensors would stay untrained. Create it with "
+            "peft.get_peft_model(model, CaliSrConfig(...)) and load it with peft_sam.PeftModel.from_pretrained(model, "
+            "path) or AutoPeftModelFor*.from_pretrained(path)."
+        )
 
 
 def _ends_with_any(key: str, names) -> bool:
@@ -147,7 +146,7 @@ class CaliSrModel(UnloadKeepsModules, BaseTuner):
     target_module_mapping: dict[str, list[str]] = {}
 
     def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
-        _refuse_transformers_load_adapter()
+        _refuse_direct_injection(peft_config)
         super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     def _prepare_adapter_config(self, peft_config: CaliSrConfig, model_config: dict) -> CaliSrConfig:

@@ -128,9 +128,7 @@ class SAMLayer(BaseTunerLayer):
             self.sam_candidates[adapter_name].append(tensor_name)
             placeholder = torch.full((count,), PENDING_INDEX, dtype=torch.long)
             self.set_entries(adapter_name, tensor_name, placeholder, config=config, _placeholder=True)
-        self.sam_shapes[adapter_name] = self.base_shapes(config.include_bias).to(
-            self.base_tensor("weight").device
-        )
+        self.sam_shapes[adapter_name] = self.base_shapes(config.include_bias).to(self.base_tensor("weight").device)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def base_shapes(self, include_bias: bool = True) -> torch.Tensor:
@@ -178,11 +176,7 @@ class SAMLayer(BaseTunerLayer):
             indices, order = torch.sort(indices)
             if values is not None:
                 values = values.reshape(-1)[order.to(values.device)]
-        if (
-            not _placeholder
-            and indices.numel()
-            and (int(indices.min()) < 0 or int(indices.max()) >= base.numel())
-        ):
+        if not _placeholder and indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= base.numel()):
             raise ValueError(
                 f"SAM indices for {tensor_name} of shape {tuple(base.shape)} are out of range "
                 f"[{int(indices.min())}, {int(indices.max())}]: the adapter was made for a model with other shapes."
@@ -198,9 +192,7 @@ class SAMLayer(BaseTunerLayer):
             if init_weights:
                 values = torch.zeros(indices.numel(), dtype=base.dtype, device=base.device)
             else:
-                gen = torch.Generator().manual_seed(
-                    0 if config is None else int(config.seed) + indices.numel()
-                )
+                gen = torch.Generator().manual_seed(0 if config is None else int(config.seed) + indices.numel())
                 values = (0.1 * torch.randn(indices.numel(), generator=gen)).to(base.dtype).to(base.device)
         getattr(self, idx_name)[adapter_name] = indices.to(index_dtype_for(base.numel()))
         getattr(self, val_name)[adapter_name] = nn.Parameter(values.to(base.device), requires_grad=True)
@@ -451,11 +443,27 @@ class SAMLayer(BaseTunerLayer):
                     self.set_entries(adapter_name, tensor_name, torch.empty(0, dtype=torch.long))
             self._sam_pending_cache = {k: v for k, v in self._sam_pending_cache.items() if k[0] != adapter_name}
 
+    def _peers_selected(self, adapter_name: str) -> bool:
+        """Whether another layer of the same injection holds real entries of ``adapter_name``."""
+        peers = getattr(self, "_sam_peers", None) or ()
+        return any(
+            p is not self and adapter_name in p._all_available_adapter_names() and not p.is_pending(adapter_name)
+            for p in list(peers)
+        )
+
     def _check_calibrated(self) -> None:
         for adapter in self.active_adapters:
             self.check_shapes(adapter)
             if self.is_pending(adapter):
                 self.settle_placeholders(adapter)
+            if self.is_pending(adapter) and self._peers_selected(adapter):
+                # one selection (or one loaded file) covers every layer of the adapter: where the other layers hold
+                # real entries, this layer's placeholders mean "no entries here" (the file had none to load, e.g.
+                # tensors whose gradient was zero; transformers' load_adapter leaves such slots untouched)
+                for tensor_name, (idx_name, _) in TENSOR_SLOTS.items():
+                    if adapter in getattr(self, idx_name):
+                        self.set_entries(adapter, tensor_name, torch.empty(0, dtype=torch.long))
+                self._sam_pending_cache = {k: v for k, v in self._sam_pending_cache.items() if k[0] != adapter}
         pending = [a for a in self.active_adapters if self.is_pending(a)]
         if not pending:
             return
@@ -484,9 +492,7 @@ class SAMLayer(BaseTunerLayer):
         adapter_names = check_adapters_to_merge(self, adapter_names)
         self.restore_base()  # merging starts from W0
         for adapter in adapter_names:
-            if (adapter not in self.sam_values and adapter not in self.sam_bias_values) or self.is_pending(
-                adapter
-            ):
+            if (adapter not in self.sam_values and adapter not in self.sam_bias_values) or self.is_pending(adapter):
                 continue
             updates = []  # every tensor is checked before any is written: a failed safe merge changes nothing
             for tensor_name in TENSOR_SLOTS:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from weakref import WeakSet
+
 import torch
 from torch import nn
 
@@ -51,7 +53,11 @@ class SAMModel(LeafTunerModel):
         come from the file.
         """
         super().inject_adapter(model, adapter_name, **kwargs)
-        link_tied_tensors([m for m in model.modules() if isinstance(m, SAMLayer)], adapter_name)
+        layers = [m for m in model.modules() if isinstance(m, SAMLayer)]
+        link_tied_tensors(layers, adapter_name)
+        peers = WeakSet(layers)  # one selection covers every layer: see SAMLayer._check_calibrated
+        for layer in layers:
+            layer._sam_peers = peers
         config = self.peft_config[adapter_name]
         if not config.needs_calibration and not kwargs.get("low_cpu_mem_usage", False):
             select_data_free(model, adapter_name, config)
