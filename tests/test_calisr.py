@@ -761,12 +761,17 @@ def test_trainer_mixed_precision_trains_through_measurements_and_a_switch(tmp_pa
     )  # fmt: skip
     from accelerate.state import AcceleratorState
 
+    before = os.environ.get("ACCELERATE_MIXED_PRECISION")
     try:
         Trainer(
             model=model, args=args, train_dataset=data, optimizers=(optimizer, None), callbacks=[CaliSrCallback()]
         ).train()
     finally:  # the Trainer's Accelerator fixed the process-wide mixed precision: later Accelerators need their own
         AcceleratorState._reset_state(reset_partial_state=True)
+        if before is None:  # transformers 4.57's TrainingArguments sets it for the whole process
+            os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
+        else:
+            os.environ["ACCELERATE_MIXED_PRECISION"] = before
     controller = optimizer.controller
     assert controller.global_step == 4
     assert sum(e["event"] == "measure" for e in controller.history) >= 3

@@ -136,6 +136,38 @@ def test_transformers_load_adapter_with_a_layer_without_entries_trains(tmp_path)
     assert not layer.is_pending("default") and "default" not in layer.sam_indices  # no entries, not pending
 
 
+def test_bare_injection_brings_shared_tensors_up_to_date_before_the_forward():
+    """A table used through a second, unwrapped module (T5's embeddings on transformers 4.57) is read before its SAM
+    layer runs: the model's own forward brings the base tensors up to date first, for a PeftModel without task type
+    (whose forward is the base model's) and for an injection without PeftModel (transformers' load_adapter,
+    peft.inject_adapter_in_model) alike; unloading removes that hook."""
+    from peft import inject_adapter_in_model
+
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.table = torch.nn.Embedding(10, 4)
+            self.alias = self.table  # the same module under a second name: wrapped under the first only
+            self.head = torch.nn.Linear(4, 2)
+
+        def forward(self, ids):
+            return self.head(self.alias(ids)) + 0 * self.table(ids).sum()
+
+    config = SAMConfig(p=0.5, selection="random", target_modules=["table"], init_weights=False)
+    ids = torch.tensor([[1, 2, 3]])
+    reference = get_peft_model(Shared(), copy.deepcopy(config))
+    bare = inject_adapter_in_model(copy.deepcopy(config), Shared())
+    assert isinstance(bare.table, SAMLayer) and not isinstance(bare.alias, SAMLayer)
+    with torch.no_grad():
+        expected = reference(ids)  # the first forward already sees W0 + Delta
+        assert not torch.equal(expected, Shared()(ids))
+        assert torch.equal(bare(ids), expected)
+        assert torch.equal(reference(ids), expected)
+        merged = reference.merge_and_unload()
+        assert not merged._forward_pre_hooks and torch.equal(merged(ids), expected)
+
+
 @pytest.mark.parametrize("model_name", ["bert", "gpt2", "llama"])
 def test_merge_equals_forward_and_unmerge_restores_exactly(model_name):
     model = _calibrated(model_name)

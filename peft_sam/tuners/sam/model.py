@@ -33,6 +33,19 @@ class SAMModel(LeafTunerModel):
     )
     layer_class_for = staticmethod(sam_layer_class_for)
 
+    def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+        super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+        # PeftModel without a task type, transformers' load_adapter / add_adapter and peft.inject_adapter_in_model
+        # call the model's own forward, not this tuner's: the model's forward brings the base tensors up to date
+        _refresh_before_forward(model)
+
+    def _unload_and_optionally_merge(self, *args, **kwargs):
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        handle = model.__dict__.pop("_sam_refresh_hook", None)
+        if handle is not None:
+            handle.remove()
+        return model
+
     def forward(self, *args, **kwargs):
         """The model's forward, with every SAM layer's base tensors brought up to date and its small tensors tapped
         in one batched pass (``batched.py``)."""
@@ -118,6 +131,27 @@ class SAMModel(LeafTunerModel):
                 except ValueError as err:
                     raise ValueError(f"Cannot load SAM adapter into module {name!r}: {err}") from err
         return remapped
+
+
+def _refresh_before_forward(model: nn.Module) -> None:
+    """A forward pre-hook on ``model`` (once) that writes every SAM layer's current offsets into its base tensors.
+
+    A layer refreshes its own tensor when it runs, but a tensor can be read before (or without) its SAM layer running:
+    a module shared under two names is wrapped under one only (T5's embeddings on transformers 4.57 use the table
+    through ``encoder.embed_tokens``, not the wrapped ``shared``). After ``SAMModel.forward`` (PeftModelFor* task
+    models) everything is current already and this pass writes nothing (no kernel launched); it keeps no arenas, so a
+    deep copy of the model that carries the hook along shares nothing with the original.
+    """
+    if "_sam_refresh_hook" in model.__dict__:
+        return
+    state = BatchedStep(use_arenas=False)
+
+    def hook(module: nn.Module, args) -> None:
+        layers = [m for m in module.modules() if isinstance(m, SAMLayer)]
+        if layers:
+            state.refresh(layers)
+
+    model.__dict__["_sam_refresh_hook"] = model.register_forward_pre_hook(hook)
 
 
 def load_sam_indices(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> int:
