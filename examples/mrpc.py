@@ -54,13 +54,17 @@ def add_args(parser, output_dir: str, lr: float) -> None:
     parser.add_argument("--max-eval-samples", type=int, default=0, help="0: all 408 pairs")
     parser.add_argument("--output-dir", default=output_dir)
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    parser.add_argument("--seed", type=int, default=0, help="head initialisation, dropout, data order")
 
 
 def dataloaders(args):
-    """``(model_path, data, collator, train_dl, eval_dl)`` for the parsed :func:`add_args` flags."""
+    """``(model_path, data, collator, train_dl, eval_dl)`` for the parsed :func:`add_args` flags (seeds everything
+    first, so a run is repeatable)."""
+    from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
     from transformers import DataCollatorWithPadding
 
+    set_seed(args.seed)
     model_path = args.model or default_model()
     tokenizer, data = load_mrpc(model_path, args.max_length, args.max_train_samples, args.max_eval_samples)
     collator = DataCollatorWithPadding(tokenizer)

@@ -33,6 +33,7 @@ def make_trainer(args, model, data, collator, **kwargs) -> Trainer:
             save_strategy="no",
             report_to=[],
             use_cpu=args.cpu,
+            seed=args.seed,
         ),
         train_dataset=data["train"],
         eval_dataset=data["validation"],

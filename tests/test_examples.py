@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import peft_sam
@@ -51,6 +52,20 @@ def test_accelerate_examples_train_save_and_reload_the_same_model(script, extra,
     if script == "calisr_accelerate.py":  # the controller measured stable ranks (JSONL, one event per line)
         events = [json.loads(line) for line in (out / "calisr.jsonl").read_text().splitlines()]
         assert any(e["event"] == "measure" for e in events)
+
+
+def test_a_seeded_example_repeats_exactly(tiny_bert_dir, tmp_path):
+    """Same --seed, same run (head initialisation, dropout, data order); another seed, another run."""
+    runs = [
+        _run("sam_accelerate.py", "--model", tiny_bert_dir, "--output-dir", str(tmp_path / str(i)), *TINY,
+             "--calibration-batches", "2", "--cpu", "--seed", seed)
+        for i, seed in enumerate(["3", "3", "4"])
+    ]  # fmt: skip
+    chosen = [[line for line in r.splitlines() if "SAM chose" in line or "accuracy" in line] for r in runs]
+    assert chosen[0] == chosen[1]
+    weights = [load_file(str(tmp_path / str(i) / "adapter_model.safetensors")) for i in range(3)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert any(not torch.equal(weights[0][k], weights[2][k]) for k in weights[0] if k in weights[2])
 
 
 @pytest.mark.parametrize(
