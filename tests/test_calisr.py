@@ -747,9 +747,12 @@ def test_trainer_callback_splits_measures_switches_and_resumes(tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_trainer_mixed_precision_trains_through_measurements_and_a_switch(tmp_path, precision):
+def test_trainer_mixed_precision_trains_through_measurements_and_a_switch(tmp_path, precision, monkeypatch):
     """``Trainer(fp16=True)`` / ``bf16=True`` with clipping before the step (on CPU: autocast, no scaler)."""
     from transformers import Trainer, TrainingArguments
+
+    # transformers 4.57's TrainingArguments sets ACCELERATE_MIXED_PRECISION for the whole process: restored afterwards
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
 
     model = _calisr("lora", sr_interval=1, decide_every=2, delta=0.0)
     optimizer = peft_sam.CaliSrOptimizer(_optimizer(model, lr=1e-3), model)
@@ -761,17 +764,12 @@ def test_trainer_mixed_precision_trains_through_measurements_and_a_switch(tmp_pa
     )  # fmt: skip
     from accelerate.state import AcceleratorState
 
-    before = os.environ.get("ACCELERATE_MIXED_PRECISION")
     try:
         Trainer(
             model=model, args=args, train_dataset=data, optimizers=(optimizer, None), callbacks=[CaliSrCallback()]
         ).train()
     finally:  # the Trainer's Accelerator fixed the process-wide mixed precision: later Accelerators need their own
         AcceleratorState._reset_state(reset_partial_state=True)
-        if before is None:  # transformers 4.57's TrainingArguments sets it for the whole process
-            os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
-        else:
-            os.environ["ACCELERATE_MIXED_PRECISION"] = before
     controller = optimizer.controller
     assert controller.global_step == 4
     assert sum(e["event"] == "measure" for e in controller.history) >= 3
