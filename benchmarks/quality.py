@@ -69,7 +69,8 @@ HPARAMS: dict[str, Any] = {
 
 # Grid labels of the CaliSr runs -> TrainConfig fields. The wrapped adapter trains at its own learning rate
 # (learning_rate(adapter)), W_extra (the full fine-tuning part) at full fine-tuning's; SR is measured with the
-# exact float64 svd backend, sr_interval = one fifth of an epoch, one decision per epoch (CaliSrConfig defaults).
+# harness's default backend "auto" (exact float64 gram on CPU, certified on GPUs; the rows before session 8 used svd),
+# sr_interval = one fifth of an epoch, one decision per epoch (CaliSrConfig defaults).
 CALISR_RUNS: dict[str, dict[str, Any]] = {
     "calisr_lora_s": {"calisr_adapter": "lora", "calisr_variant": "S"},
     "calisr_lora_d": {"calisr_adapter": "lora", "calisr_variant": "D"},
@@ -387,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--eval-batch-size", type=int)
     parser.add_argument(
-        "--calisr-sr-backend", help="CaliSr runs: svd (default), gram, certified (use it on GPUs) or auto"
+        "--calisr-sr-backend", help="CaliSr runs: auto (default: gram on CPU, certified on GPU), svd, gram, certified"
     )
     parser.add_argument("--dry-run", action="store_true", help="list the runs, do nothing")
     parser.add_argument(
