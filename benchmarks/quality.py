@@ -179,6 +179,12 @@ def make_config(
 def hashed_config(cfg) -> dict[str, Any]:
     out = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IN_HASH}
     out["model"] = model_label(cfg.model)
+    # fields added or re-defaulted after rows were recorded hash as before where they change nothing, so those rows
+    # stay recognised: the decision period when left at its default, the SR backend of a method that is not CaliSr
+    if out.get("calisr_decide_every") is None:
+        out.pop("calisr_decide_every", None)
+    if not cfg.method.startswith("calisr"):
+        out["calisr_sr_backend"] = "svd"
     return out
 
 

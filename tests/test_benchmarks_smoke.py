@@ -60,6 +60,14 @@ def test_quality_smoke_and_resume(tiny_model: str, tmp_path: Path) -> None:
     assert len(out.read_text().splitlines()) == 1
 
 
+def test_committed_quick_tier_rows_are_recognised(capsys) -> None:
+    """A config field added to the harness must not orphan the committed rows it does not affect: every quick-tier
+    row in results/quality.jsonl still counts as done (its config hash is recomputed the same way)."""
+    quality = _load("quality")
+    assert quality.main(["--tier", "quick", "--dry-run"]) == 0
+    assert "60 runs in the grid, 60 already in" in capsys.readouterr().out
+
+
 def test_quality_plan_and_hparams() -> None:
     quality = _load("quality")
     cells = quality.plan(["rte", "cb", "copa"], ["sam", "prefix"], [0, 1], perturb=False)
