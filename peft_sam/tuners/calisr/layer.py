@@ -275,8 +275,6 @@ class CaliSrLayer(AdditiveDeltaLayer, BaseTunerLayer):
             return torch.zeros_like(self.get_base_layer().weight)
         if self.inner_kind == "SAM":
             return self.inner.get_delta_weight(adapter_name, "weight")
-        if self.inner_kind == "LORA" and adapter_name not in self.inner.lora_A:
-            return torch.zeros_like(self.get_base_layer().weight)
         return self.inner.get_delta_weight(adapter_name)
 
     @torch.no_grad()

@@ -426,18 +426,19 @@ class SAMLayer(BaseTunerLayer):
         return flat.view_as(seen)
 
     def settle_placeholders(self, adapter_name: str) -> None:
-        """Drop placeholder slots of an adapter whose other slots hold real indices.
+        """Drop placeholder slots of an adapter whose other slots, or other layers, hold real indices.
 
         A loader that fills placeholders in place (transformers' ``load_adapter``) leaves a slot untouched when the
         file has no entries for it (e.g. a bias whose gradient is zero by construction was never selected); such a
-        slot has no entries, it is not waiting for a selection.
+        slot has no entries, it is not waiting for a selection. One selection (or one file) covers every layer of the
+        adapter, so where the other layers of the injection hold real entries all of this layer's slots are settled.
         """
         states = {}
         for tensor_name, (idx_name, _) in TENSOR_SLOTS.items():
             buffers = getattr(self, idx_name)
             if adapter_name in buffers and buffers[adapter_name].numel() and not buffers[adapter_name].is_meta:
                 states[tensor_name] = bool((buffers[adapter_name] < 0).any())
-        if any(states.values()) and not all(states.values()):
+        if any(states.values()) and (not all(states.values()) or self._peers_selected(adapter_name)):
             for tensor_name, pending in states.items():
                 if pending:
                     self.set_entries(adapter_name, tensor_name, torch.empty(0, dtype=torch.long))
@@ -456,14 +457,6 @@ class SAMLayer(BaseTunerLayer):
             self.check_shapes(adapter)
             if self.is_pending(adapter):
                 self.settle_placeholders(adapter)
-            if self.is_pending(adapter) and self._peers_selected(adapter):
-                # one selection (or one loaded file) covers every layer of the adapter: where the other layers hold
-                # real entries, this layer's placeholders mean "no entries here" (the file had none to load, e.g.
-                # tensors whose gradient was zero; transformers' load_adapter leaves such slots untouched)
-                for tensor_name, (idx_name, _) in TENSOR_SLOTS.items():
-                    if adapter in getattr(self, idx_name):
-                        self.set_entries(adapter, tensor_name, torch.empty(0, dtype=torch.long))
-                self._sam_pending_cache = {k: v for k, v in self._sam_pending_cache.items() if k[0] != adapter}
         pending = [a for a in self.active_adapters if self.is_pending(a)]
         if not pending:
             return

@@ -53,11 +53,15 @@ class SAMModel(LeafTunerModel):
         if state is None:
             state = self.__dict__["_sam_batched"] = BatchedStep()
         layers = [m for m in self.model.modules() if isinstance(m, SAMLayer)]
-        if torch.compiler.is_compiling():  # traced: the refresh runs eagerly; compiled layers need no tap
-            state.refresh(layers)
-            return super().forward(*args, **kwargs)
-        with state.step(layers):
-            return super().forward(*args, **kwargs)
+        self.model.__dict__["_sam_refreshed"] = True  # the model's own pre-hook has nothing left to do
+        try:
+            if torch.compiler.is_compiling():  # traced: the refresh runs eagerly; compiled layers need no tap
+                state.refresh(layers)
+                return super().forward(*args, **kwargs)
+            with state.step(layers):
+                return super().forward(*args, **kwargs)
+        finally:
+            self.model.__dict__["_sam_refreshed"] = False
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs) -> None:
         """Inject the SAM layers; data-free selections (magnitude, random, bitfit) choose their entries here.
@@ -138,15 +142,17 @@ def _refresh_before_forward(model: nn.Module) -> None:
 
     A layer refreshes its own tensor when it runs, but a tensor can be read before (or without) its SAM layer running:
     a module shared under two names is wrapped under one only (T5's embeddings on transformers 4.57 use the table
-    through ``encoder.embed_tokens``, not the wrapped ``shared``). After ``SAMModel.forward`` (PeftModelFor* task
-    models) everything is current already and this pass writes nothing (no kernel launched); it keeps no arenas, so a
-    deep copy of the model that carries the hook along shares nothing with the original.
+    through ``encoder.embed_tokens``, not the wrapped ``shared``). Under ``SAMModel.forward`` (PeftModelFor* task
+    models), which has refreshed everything already, it returns at once; it keeps no arenas, so a deep copy of the
+    model that carries the hook along shares nothing with the original.
     """
     if "_sam_refresh_hook" in model.__dict__:
         return
     state = BatchedStep(use_arenas=False)
 
     def hook(module: nn.Module, args) -> None:
+        if module.__dict__.get("_sam_refreshed"):  # called from SAMModel.forward, which refreshed everything
+            return
         layers = [m for m in module.modules() if isinstance(m, SAMLayer)]
         if layers:
             state.refresh(layers)
