@@ -114,6 +114,7 @@ _NOT_IN_HASH = {
     "cpu",
     "eval_batch_size",
     "stop_at_step",
+    "evaluate_test",  # the validation results do not depend on whether the test split is scored afterwards
 }
 
 
@@ -292,7 +293,10 @@ def run_grid(
     claim_dir: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, int]:
-    """Run every cell not yet in ``out``; returns counts (done before, ran, failed)."""
+    """Run every cell not yet in ``out``; returns counts (done before, ran, failed).
+
+    A cell may carry its own ``"lr"`` (learning-rate sweeps); otherwise the method's rate is used.
+    """
     from glue import method_unavailable, train_and_evaluate
 
     done = {(r["task"], r["method"], r["seed"], r["config_hash"]) for r in read_jsonl(out)}
@@ -314,7 +318,7 @@ def run_grid(
             data_dir=data_dir,
             drop_fraction=drop_fraction if cell["drop_seed"] is not None else 0.0,
             drop_seed=cell["drop_seed"] or 0,
-            overrides=overrides,
+            overrides={**overrides, "lr": cell.get("lr")},
         )
         key_config = hashed_config(cfg)
         key = (cfg.task, cell["method"], cfg.seed, config_hash(key_config))
@@ -324,8 +328,10 @@ def run_grid(
         todo.append((cell, cfg, key_config, key))
     log(f"{counts['total']} runs in the grid, {counts['skipped']} already in {out}, {len(todo)} to do")
     for i, (cell, cfg, key_config, key) in enumerate(todo, 1):
-        label = f"[{i}/{len(todo)}] {cfg.task} {cell['method']} seed={cfg.seed}" + (
-            f" drop_seed={cell['drop_seed']}" if cell["drop_seed"] is not None else ""
+        label = (
+            f"[{i}/{len(todo)}] {cfg.task} {cell['method']} seed={cfg.seed}"
+            + (f" drop_seed={cell['drop_seed']}" if cell["drop_seed"] is not None else "")
+            + (f" lr={cfg.lr:g}" if cell.get("lr") is not None else "")
         )
         if dry_run:
             log(f"{label} (to do; config {key[3]})")
@@ -344,8 +350,9 @@ def run_grid(
         row = _row(cfg, cell["method"], key_config, summary, tier)
         append_jsonl(out, row)
         counts["ran"] += 1
+        test = "not evaluated" if row["test_score"] is None else f"{row['test_score']:.2f}"
         log(
-            f"{label} done: test {row['test_score']:.2f} (val {row['val_score']:.2f}), trainable "
+            f"{label} done: test {test} (val {row['val_score']:.2f}), trainable "
             f"{row['trainable_params']:,} ({row['trainable_percent']:.3f} %), {row['wall_seconds']:.0f} s"
         )
     return counts
@@ -455,8 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if counts["failed"] else 0
 
 
-def _run_workers(workers: int, argv: list[str], claim_dir: str | None = None) -> int:
-    """Start ``workers`` copies of this script on the same grid; each claims cells one at a time (cheap first).
+def _run_workers(workers: int, argv: list[str], claim_dir: str | None = None, script: Path | None = None) -> int:
+    """Start ``workers`` copies of this script (or ``script``: the learning-rate sweep) on the same grid; each
+    claims cells one at a time (cheap first).
 
     Each worker gets its own ``datasets`` cache and ``OMP_NUM_THREADS = cpus // workers``; rows go to the one
     JSONL (appends of one line each, under a file lock). A killed worker loses only its cell in progress (its
@@ -479,7 +487,7 @@ def _run_workers(workers: int, argv: list[str], claim_dir: str | None = None) ->
                 "HF_DATASETS_CACHE": str(Path(claims).parent / f"peft_sam_hf_datasets_{os.getpid()}_{w}"),
                 "PYTHONUNBUFFERED": "1",
             }
-            cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--claim-dir", claims]
+            cmd = [sys.executable, str(Path(script or __file__).resolve()), *argv, "--claim-dir", claims]
             procs.append(subprocess.Popen(cmd, env=env))
             time.sleep(2.0)  # staggered: the first cells go out in order
         codes = [p.wait() for p in procs]

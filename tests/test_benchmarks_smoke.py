@@ -60,6 +60,47 @@ def test_quality_smoke_and_resume(tiny_model: str, tmp_path: Path) -> None:
     assert len(out.read_text().splitlines()) == 1
 
 
+def test_lr_sweep_never_reads_the_test_split(tiny_model: str, tmp_path: Path, monkeypatch) -> None:
+    """The sweep selects by validation only: with the official dev file (the test split) absent, it still runs, its
+    rows carry no test score, the rate of a row hashes as the quality grid's run at that rate, and the report picks
+    the rate with the best validation score."""
+    import shutil
+
+    from common import config_hash
+    from glue import load_task
+    from glue.data import resolve_data_dir
+
+    sweep, quality = _load("lr_sweep"), _load("quality")
+    data = tmp_path / "data" / "superglue" / "CB"
+    data.mkdir(parents=True)
+    shutil.copy(resolve_data_dir(None) / "superglue" / "CB" / "train.jsonl", data)
+    monkeypatch.setitem(sweep.LR_GRIDS, "sam", (1e-3, 3e-3))
+    out = tmp_path / "lr_sweep.jsonl"
+    argv = [
+        "--tasks", "cb", "--methods", "sam", "--model", tiny_model, "--out", str(out), "--data-dir",
+        str(tmp_path / "data"), "--max-train-samples", "16", "--max-eval-samples", "8", "--max-steps", "2",
+        "--num-calibration-batches", "2",
+    ]  # fmt: skip
+    assert sweep.main(argv) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["lr"] for r in rows) == [1e-3, 3e-3]
+    assert all(r["test_score"] is None and r["test"] is None and r["val_score"] is not None for r in rows)
+    overrides = {"max_train_samples": 16, "max_eval_samples": 8, "max_steps": 2, "num_calibration_batches": 2}
+    cfg = quality.make_config("cb", "sam", 0, model=tiny_model, overrides={**overrides, "lr": 3e-3})
+    assert config_hash(quality.hashed_config(cfg)) in {r["config_hash"] for r in rows}
+    # the quality grid itself reads the test split: without the dev file it fails, with the file's name in the error
+    with pytest.raises(FileNotFoundError, match="val.jsonl"):
+        load_task("cb", tmp_path / "data")
+    # the choice: the best validation score (ties: the smaller rate)
+    rows[0]["val_score"], rows[1]["val_score"] = 50.0, 60.0
+    best = max(rows, key=lambda r: r["val_score"])["lr"]
+    assert sweep.choose(rows, ["cb"])["sam"]["chosen"] == best
+    rows[0]["val_score"] = 60.0
+    assert sweep.choose(rows, ["cb"])["sam"]["chosen"] == 1e-3
+    md = sweep.report(out, ["cb"])
+    assert "| sam |" in md and (tmp_path / "lr_sweep.png").stat().st_size > 0
+
+
 def test_committed_quick_tier_rows_are_recognised(capsys) -> None:
     """A config field added to the harness must not orphan the committed rows it does not affect: every quick-tier
     row in results/quality.jsonl still counts as done (its config hash is recomputed the same way)."""

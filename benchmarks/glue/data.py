@@ -116,10 +116,13 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     )
 
 
-def _read_official(name: str, root: Path) -> datasets.DatasetDict:
-    """Read the official train and dev/val files of a task as ``{"train", "test"}``."""
+def _read_official(name: str, root: Path, include_test: bool = True) -> datasets.DatasetDict:
+    """Read the official train and dev/val files of a task as ``{"train", "test"}`` (``include_test=False``:
+    the dev/val file is not opened)."""
     src = _SOURCES[name]
     files = {"train": root / src.subdir / src.train_file, "test": root / src.subdir / src.test_file}
+    if not include_test:
+        del files["test"]
     for path in files.values():
         if not path.is_file():
             raise FileNotFoundError(
@@ -178,26 +181,30 @@ def load_task(
     val_fraction: float = 0.1,
     drop_fraction: float = 0.0,
     drop_seed: int = 0,
+    include_test: bool = True,
 ) -> datasets.DatasetDict:
     """Load a task as ``DatasetDict(train, val, test)`` following the SAM paper's protocol.
 
     ``val`` takes ``ceil(val_fraction * n)`` rows of the shuffled official train file (shuffle seeded by
     ``seed``), ``train`` the rest; ``test`` is the official dev/val file. If ``drop_fraction > 0``,
     ``round(drop_fraction * len(train))`` random rows (seeded by ``drop_seed``) are then removed from
-    ``train`` only; the kept rows stay in their order.
+    ``train`` only; the kept rows stay in their order. ``include_test=False`` returns ``train`` and ``val`` only,
+    without opening the official dev file (model selection that must not see the test split: learning-rate sweeps).
     """
     spec = get_spec(name)
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if not 0.0 <= drop_fraction < 1.0:
         raise ValueError(f"drop_fraction must be in [0, 1), got {drop_fraction}")
-    raw = _read_official(spec.name, resolve_data_dir(data_dir))
+    raw = _read_official(spec.name, resolve_data_dir(data_dir), include_test=include_test)
     train_full = _normalise(spec.name, raw["train"])
-    test = _normalise(spec.name, raw["test"])
     split = train_full.train_test_split(test_size=val_fraction, shuffle=True, seed=seed)
     train, val = split["train"], split["test"]
     if drop_fraction > 0.0:
         n_drop = int(round(drop_fraction * len(train)))
         keep = np.sort(np.random.default_rng(drop_seed).permutation(len(train))[n_drop:])
         train = train.select(keep.tolist())
-    return datasets.DatasetDict({"train": train, "val": val, "test": test})
+    out = {"train": train, "val": val}
+    if include_test:
+        out["test"] = _normalise(spec.name, raw["test"])
+    return datasets.DatasetDict(out)

