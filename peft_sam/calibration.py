@@ -4,7 +4,9 @@
 training batches at theta_0 with dropout on, no optimizer step, each batch's gradient clipped to global norm
 ``calibration_clip_norm`` and then summed with its sign; score = |sum g| (``sam``) or sum g^2 (``fisher``).
 Under ``torch.distributed`` the score sums are all-reduced before the top-k and rank 0's indices are broadcast,
-so every process holds the same mask. Candidates, scores -> top-k and the data-free selections (``magnitude``,
+so every process holds the same mask. On an FSDP2-sharded model (``fully_shard``) each rank scores its own shards
+(about 1/world_size of the score memory) and the top-k is taken across shards (``tuners/sam/sharding.py``); every
+rank then feeds the same batches. Candidates, scores -> top-k and the data-free selections (``magnitude``,
 ``random``, ``bitfit``, run inside ``get_peft_model``) are the SAM tuner's (``tuners/sam/mask_functions.py``).
 """
 
@@ -23,6 +25,7 @@ from torch.nn.utils import get_total_norm
 from tqdm.auto import tqdm
 
 from .tuners.calisr.model import sam_selection_view
+from .tuners.sam import sharding
 from .tuners.sam.config import DATA_FREE_SELECTIONS, GRADIENT_SELECTIONS
 from .tuners.sam.mask_functions import (
     STRUCTURAL_ZERO_RTOL,
@@ -48,6 +51,7 @@ class SelectionSummary:
     num_tensors: int
     num_batches: int
     seconds: float
+    score_bytes: int = 0  # this process's score accumulators (float64; FSDP2: its shards only)
 
 
 def _broadcast_from_rank0(indices: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -94,11 +98,13 @@ def gradient_scores(
 ) -> tuple[list[torch.Tensor], int]:
     """Per-candidate score sums over up to ``num_batches`` batches (all-reduced across processes).
 
-    Adapters are switched off while the gradients are taken, so the scores are those of theta_0.
+    Adapters are switched off while the gradients are taken, so the scores are those of theta_0. FSDP2-sharded
+    candidates get accumulators of their local shard only, and every rank must feed the same batches.
     """
     loss_fn = loss_fn or _default_loss
     tensors = [c.tensor for c in candidates]
-    sums = [torch.zeros(t.shape, dtype=torch.float64, device=t.device) for t in tensors]
+    sharded = any(sharding.is_sharded(t) for t in tensors)
+    sums = [torch.zeros(sharding.local(t).shape, dtype=torch.float64, device=t.device) for t in tensors]
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
     layers = list({id(c.layer): c.layer for c in candidates}.values())
     was_training = model.training
@@ -122,11 +128,15 @@ def gradient_scores(
             if done >= num_batches:
                 break
             model.zero_grad(set_to_none=True)
-            loss = loss_fn(model, _move_batch(batch, device))
+            batch = _move_batch(batch, device)
+            if sharded:
+                sharding.check_same_batch(batch, done)
+            loss = loss_fn(model, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"Calibration batch {done} gave a non-finite loss ({loss.item()}).")
             loss.backward()
-            total_norm = get_total_norm([p.grad for p in clip_params if p.grad is not None])
+            grads = [p.grad for p in clip_params if p.grad is not None]
+            total_norm = sharding.sharded_grad_norm(grads) if sharded else get_total_norm(grads)
             if not torch.isfinite(total_norm):
                 bad = [
                     c.name for c, t in zip(candidates, tensors) if t.grad is not None and not t.grad.isfinite().all()
@@ -140,10 +150,11 @@ def gradient_scores(
             for acc, t in zip(sums, tensors):
                 if t.grad is None:
                     continue
+                grad = sharding.local(t.grad)
                 if method == "sam":  # float64 accumulation without a float64 copy of each gradient
-                    acc.add_(t.grad, alpha=coef)
+                    acc.add_(grad, alpha=coef)
                 else:
-                    acc.addcmul_(t.grad, t.grad, value=coef * coef)
+                    acc.addcmul_(grad, grad, value=coef * coef)
             done += 1
             progress.update(1)
         progress.close()
@@ -161,7 +172,8 @@ def gradient_scores(
             p.requires_grad_(flag)
         model.train(was_training)
     count = torch.tensor([done], dtype=torch.long, device=device)
-    if dist.is_available() and dist.is_initialized():
+    # FSDP2: every rank fed the same batches, so the shards' sums are already the sums over them
+    if not sharded and dist.is_available() and dist.is_initialized():
         dist.all_reduce(count)
         for acc in sums:
             dist.all_reduce(acc)
@@ -205,6 +217,7 @@ def _select_parameters(model, dataloader, adapter_name, method, num_batches, cli
     start = time.perf_counter()
     adapter_name, config = sam_config(model, adapter_name)
     method = method or config.selection
+    sharding.refuse_fsdp1(model)
     candidates = find_candidates(model, adapter_name, config.p)
     num_candidates = sum(c.tensor.numel() for c in candidates)
     if method in DATA_FREE_SELECTIONS:
@@ -235,10 +248,23 @@ def _select_parameters(model, dataloader, adapter_name, method, num_batches, cli
         loss_fn=loss_fn,
         show_progress=show_progress,
     )
-    scores = [exclude_structural_zeros(c, s.cpu()) for c, s in zip(candidates, scores)]
-    largest = max(float(s.max()) for s in scores if s.numel())
-    indices = top_entries(scores, config.p, config.scope, floor=STRUCTURAL_ZERO_RTOL * largest)
-    indices = _broadcast_from_rank0(indices)
+    score_bytes = sum(s.numel() * s.element_size() for s in scores)
+    if any(sharding.is_sharded(c.tensor) for c in candidates):
+        layouts = sharding.shard_layouts([c.tensor for c in candidates])
+        scores = [
+            exclude_structural_zeros(c, s.cpu(), lay.row_offset) for c, s, lay in zip(candidates, scores, layouts)
+        ]
+        largest = torch.tensor(max((float(s.max()) for s in scores if s.numel()), default=float("-inf")))
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+        floor = STRUCTURAL_ZERO_RTOL * float(largest)
+        indices = sharding.sharded_top_entries(scores, layouts, config.p, config.scope, floor)
+        for c in candidates:  # FSDP owns these tensors (whole only inside its forward): training here is refused
+            c.layer._sam_on_shards = True
+    else:
+        scores = [exclude_structural_zeros(c, s.cpu()) for c, s in zip(candidates, scores)]
+        largest = max(float(s.max()) for s in scores if s.numel())
+        indices = top_entries(scores, config.p, config.scope, floor=STRUCTURAL_ZERO_RTOL * largest)
+        indices = _broadcast_from_rank0(indices)
     apply_entries(candidates, adapter_name, indices, config)
     return SelectionSummary(
         method,
@@ -249,4 +275,5 @@ def _select_parameters(model, dataloader, adapter_name, method, num_batches, cli
         len(candidates),
         used,
         time.perf_counter() - start,
+        score_bytes,
     )

@@ -101,6 +101,18 @@ def test_lr_sweep_never_reads_the_test_split(tiny_model: str, tmp_path: Path, mo
     assert "| sam |" in md and (tmp_path / "lr_sweep.png").stat().st_size > 0
 
 
+def test_fsdp_calibration_smoke(tiny_model: str, tmp_path: Path) -> None:
+    _load("common")  # puts benchmarks/ on sys.path: the spawned ranks import the script by its own name
+    bench = importlib.import_module("fsdp_calibration")
+    out = tmp_path / "fsdp.jsonl"
+    argv = ["--model", tiny_model, "--batches", "2", "--batch-size", "4", "--max-length", "16", "--out", str(out)]
+    assert bench.main(argv) == 0  # 0: both ranks chose what one process chose
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["world"], r["rank"]) for r in rows] == [(1, 0), (2, 0), (2, 1)]
+    assert rows[1]["score_bytes"] + rows[2]["score_bytes"] == rows[0]["score_bytes"]
+    assert "| 8 | 1.7 | 1.7 | 6.7 | 10.1 |" in out.with_suffix(".md").read_text()  # the 7B arithmetic
+
+
 def test_committed_quick_tier_rows_are_recognised(capsys) -> None:
     """A config field added to the harness must not orphan the committed rows it does not affect: every quick-tier
     row in results/quality.jsonl still counts as done (its config hash is recomputed the same way)."""

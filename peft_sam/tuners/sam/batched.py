@@ -239,6 +239,7 @@ class BatchedStep:
                 param = layer._registered(tensor_name)
                 if param is None:
                     continue
+                layer.refuse_sharded(tensor_name, param)  # before any layer writes
                 if live is None or len(adapters) != 1 or live[1] != adapters:
                     others.append(layer)
                     continue
@@ -357,4 +358,3 @@ class BatchedStep:
             layer._sam_model_taps[tensor_name] = out
             served.append(layer)
         return served
-

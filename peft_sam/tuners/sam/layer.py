@@ -25,6 +25,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ...ops.sparse_delta import EmbeddingRows, EntryPattern, SampledEmbedding, SampledLinear, tap_entries
+from .sharding import is_sharded
 
 # tensor name on the base module -> (indices buffer dict, values parameter dict) on the SAM layer
 TENSOR_SLOTS = {"weight": ("sam_indices", "sam_values"), "bias": ("sam_bias_indices", "sam_bias_values")}
@@ -66,6 +67,8 @@ class SAMLayer(BaseTunerLayer):
         # adapter name -> W0 at its entries, while the base tensor holds W0 + Delta (not saved: W0 is the base's)
         self.sam_w0 = BufferDict({}, persistent=False)
         self.sam_bias_w0 = BufferDict({}, persistent=False)
+        # set by a calibration on FSDP2 shards: the module's tensors are FSDP's, whole only inside its forward
+        self._sam_on_shards = False
         # tensor name -> (values key, adapters, {adapter: flat indices}, base data_ptr) of what the base holds now
         self._sam_live: dict[str, tuple] = {}
         # tensor name -> the SAM layer whose adapter entries this base tensor uses (tied input/output embeddings:
@@ -323,8 +326,21 @@ class SAMLayer(BaseTunerLayer):
                 _eager_refresh(self)
                 return
 
+    def refuse_sharded(self, tensor_name: str, param: torch.Tensor) -> None:
+        """Offsets are written into whole base tensors: an FSDP2 shard (DTensor) is refused before any write."""
+        if self._sam_on_shards or is_sharded(param):
+            raise RuntimeError(
+                f"A SAM adapter cannot run on FSDP2-sharded base weights ({tensor_name} of "
+                f"{type(self.get_base_layer()).__name__} is managed by fully_shard): its entries live in whole "
+                "tensors. "
+                "Calibrate sharded (select_parameters), save the adapter from the full state dict "
+                "(torch.distributed.checkpoint.state_dict.get_model_state_dict(..., full_state_dict=True) -> "
+                "save_pretrained(dir, state_dict=...)), then train it unsharded: on one device or with DDP."
+            )
+
     @torch.no_grad()
     def _apply_tensor(self, tensor_name: str, param: torch.Tensor, adapters: tuple[str, ...], live) -> None:
+        self.refuse_sharded(tensor_name, param)
         w0_store = getattr(self, W0_SLOTS[tensor_name])
         values = getattr(self, TENSOR_SLOTS[tensor_name][1])
         flats = {a: self._flat_index(tensor_name, a) for a in adapters}
@@ -705,7 +721,18 @@ def link_tied_tensors(layers: list[SAMLayer], adapter_name: str) -> None:
 
 def _pristine_state_dict_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
     """State dicts hold the pre-trained base tensors, never W0 + Delta (which lives there only between forwards), and
-    never a view of a model-level arena (safetensors refuses tensors that share storage): a copy then."""
+    never a view of a model-level arena (safetensors refuses tensors that share storage): a copy then. Entries whose
+    values no longer match their indices in length are refused here, so no file is written from them."""
+    for idx_name, val_name in TENSOR_SLOTS.values():
+        for adapter, values in getattr(module, val_name).items():
+            idx = getattr(module, idx_name)[adapter] if adapter in getattr(module, idx_name) else None
+            if idx is not None and values.numel() != idx.numel():
+                raise RuntimeError(
+                    f"SAM adapter {adapter!r} of {prefix.rstrip('.') or 'this layer'} has {idx.numel()} indices but "
+                    f"{values.numel()} values: its value parameter was replaced behind its back (FSDP2 swaps the "
+                    "parameters it manages on every forward: save a sharded calibration before running the model). "
+                    "Nothing was saved from it."
+                )
     for tensor_name in module.adapted_tensor_names():
         key = f"{prefix}base_layer.{tensor_name}"
         if key not in state_dict:

@@ -139,13 +139,18 @@ def data_free_scores(candidates: list[Candidate], config: SAMConfig) -> list[tor
 STRUCTURAL_ZERO_RTOL = 1e-6
 
 
-def exclude_structural_zeros(cand: Candidate, score: torch.Tensor) -> torch.Tensor:
-    """``score`` with the entries that can never receive a gradient set to -inf (an embedding's padding row)."""
+def exclude_structural_zeros(cand: Candidate, score: torch.Tensor, row_offset: int = 0) -> torch.Tensor:
+    """``score`` with the entries that can never receive a gradient set to -inf (an embedding's padding row).
+
+    ``score`` may be a shard of rows starting at ``row_offset`` (FSDP2 calibration).
+    """
     base = cand.layer.get_base_layer()
     padding_idx = getattr(base, "padding_idx", None)
     if isinstance(base, nn.Embedding) and padding_idx is not None and cand.tensor_name == "weight":
-        score = score.clone()
-        score[padding_idx] = float("-inf")
+        row = padding_idx - row_offset
+        if 0 <= row < score.shape[0]:
+            score = score.clone()
+            score[row] = float("-inf")
     return score
 
 
