@@ -113,6 +113,18 @@ def test_fsdp_calibration_smoke(tiny_model: str, tmp_path: Path) -> None:
     assert "| 8 | 1.7 | 1.7 | 6.7 | 10.1 |" in out.with_suffix(".md").read_text()  # the 7B arithmetic
 
 
+def test_calibration_batches_smoke(tiny_model: str, tmp_path: Path) -> None:
+    bench = _load("calibration_batches")
+    out = tmp_path / "cal.jsonl"
+    assert (
+        bench.main(["--model", tiny_model, "--task", "cb", "--batches", "1,3", "--p", "0.05", "--out", str(out)]) == 0
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["batches"] for r in rows] == [1, 3]
+    assert rows[1]["overlap"] == 1.0 and 0.0 < rows[0]["overlap"] <= 1.0  # the reference overlaps itself fully
+    assert rows[0]["entries"] == rows[1]["entries"] > 0
+
+
 def test_committed_quick_tier_rows_are_recognised(capsys) -> None:
     """A config field added to the harness must not orphan the committed rows it does not affect: every quick-tier
     row in results/quality.jsonl still counts as done (its config hash is recomputed the same way)."""
