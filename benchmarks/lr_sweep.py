@@ -92,6 +92,25 @@ def choose(rows: list[dict[str, Any]], tasks: list[str]) -> dict[str, dict[str, 
     return out
 
 
+def sweep_hash(rows: list[dict[str, Any]], tasks: list[str]) -> str:
+    """Identifies a sweep's outcome: its tasks, the chosen rates and the configurations of the rows they rest on."""
+    from common import config_hash
+
+    chosen = {m: info["chosen"] for m, info in choose(rows, tasks).items() if info["complete"]}
+    return config_hash({"tasks": tasks, "chosen": chosen, "rows": sorted(r["config_hash"] for r in rows)})
+
+
+def lr_source(method: str, lr: float, path: Path = OUT, tasks: list[str] | None = None) -> str:
+    """What a quality row's rate rests on: ``lr_sweep:<hash>`` when the committed sweep chose ``lr`` for ``method``,
+    else ``a priori`` (a rate set by hand)."""
+    tasks = tasks or SWEEP["tasks"]
+    rows = read_jsonl(path)
+    info = choose(rows, tasks).get(method)
+    if info and info["complete"] and math.isclose(info["chosen"], lr):
+        return f"lr_sweep:{sweep_hash(rows, tasks)}"
+    return "a priori"
+
+
 def _default_lr(method: str) -> float:
     from quality import learning_rate
 

@@ -236,6 +236,7 @@ def _row(cfg, label: str, key_config: dict[str, Any], summary: dict[str, Any], t
         "train_seconds": summary["train_seconds"],
         "calibration_seconds": summary["calibration_seconds"],
         "lr": summary["lr"],
+        "lr_source": _lr_source(label, summary["lr"]),  # the learning-rate sweep that chose it, or "a priori"
         "history": history,
         "config": key_config,
         "device": _device_name(),
@@ -243,6 +244,12 @@ def _row(cfg, label: str, key_config: dict[str, Any], summary: dict[str, Any], t
         "calisr": _calisr_info(summary.get("calisr")),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _lr_source(method: str, lr: float) -> str:
+    from lr_sweep import lr_source
+
+    return lr_source(method, lr)
 
 
 def _device_name() -> str:

@@ -51,7 +51,17 @@ def latest_rows(rows: list[dict[str, Any]], key_fields: tuple[str, ...]) -> tupl
 
 
 def quality_table(rows: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
-    """Markdown for quality.jsonl rows; also returns the aggregated numbers (for the plot and tests)."""
+    """Markdown for quality.jsonl rows; also returns the aggregated numbers (for the plot and tests).
+
+    A method with rows at several learning rates (a rate chosen by the sweep after rows at a guessed one) gets one line
+    per rate, ``method (lr X)``: rows at different rates are never averaged together.
+    """
+    rates: dict[str, set] = defaultdict(set)
+    for r in rows:
+        rates[r["method"]].add(r.get("lr"))
+    rows = [
+        {**r, "method": f"{r['method']} (lr {r['lr']:g})"} if len(rates[r["method"]]) > 1 else r for r in rows
+    ]
     rows, superseded = latest_rows(rows, ("task", "method", "seed"))
     tasks = _order({r["task"] for r in rows}, TASK_ORDER)
     methods = _order({r["method"] for r in rows}, METHOD_ORDER)

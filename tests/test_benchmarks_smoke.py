@@ -99,6 +99,13 @@ def test_lr_sweep_never_reads_the_test_split(tiny_model: str, tmp_path: Path, mo
     assert sweep.choose(rows, ["cb"])["sam"]["chosen"] == 1e-3
     md = sweep.report(out, ["cb"])
     assert "| sam |" in md and (tmp_path / "lr_sweep.png").stat().st_size > 0
+    # a quality row records the sweep its rate comes from; a rate the sweep did not choose is "a priori"
+    rows[1]["val_score"] = 70.0
+    (tmp_path / "chosen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = sweep.lr_source("sam", 3e-3, path=tmp_path / "chosen.jsonl", tasks=["cb"])
+    assert source == f"lr_sweep:{sweep.sweep_hash(rows, ['cb'])}"
+    assert sweep.lr_source("sam", 1e-3, path=tmp_path / "chosen.jsonl", tasks=["cb"]) == "a priori"
+    assert sweep.lr_source("lora", 1e-3, path=tmp_path / "chosen.jsonl", tasks=["cb"]) == "a priori"
 
 
 def test_fsdp_calibration_smoke(tiny_model: str, tmp_path: Path) -> None:
@@ -203,6 +210,12 @@ def test_report_smoke(tmp_path: Path) -> None:
     # paired by drop seed 0-2 only (full has no seed 3): sam - full = -1, +1, +3
     assert "| RTE | sam - full | +1.0 ± 2.0 (3) | 2 / 0 / 1 |" in pmd
     assert (tmp_path / "quality.png").stat().st_size > 0 and (tmp_path / "perturbation.png").stat().st_size > 0
+    # rows of one method at two learning rates are reported apart, never averaged together
+    two = [{**r, "lr": 5e-4} for r in rows]
+    two += [{**r, "lr": 2e-3, "test_score": 90.0} for r in rows if r["method"] == "sam"]
+    md, agg = report.quality_table(two)
+    assert "sam (lr 0.0005)" in agg["methods"] and "sam (lr 0.002)" in agg["methods"] and "full" in agg["methods"]
+    assert agg["cells"][("rte", "sam (lr 0.002)")][0] == 90.0 and agg["cells"][("rte", "sam (lr 0.0005)")][0] == 71.0
 
 
 def test_speed_smoke(tiny_model: str, tmp_path: Path) -> None:
