@@ -1,4 +1,4 @@
-"""SAM calibration memory on one process vs FSDP2 shards (gloo on CPU, or NCCL on GPUs): score bytes per rank.
+"""SAM calibration memory on one process vs FSDP2 shards (gloo processes on CPU): score bytes per rank.
 
 Runs ``select_parameters`` on the same batches once in a single process and once on ``--world`` spawned processes
 with every encoder layer and the root ``fully_shard``-ed, and records per rank: the float64 score accumulators it

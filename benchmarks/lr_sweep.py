@@ -216,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     for m in methods:
         if m not in grid_methods() or m not in LR_GRIDS:
             parser.error(f"no learning-rate grid for {m!r}; choose from {sorted(LR_GRIDS)}")
+    smoke = [args.max_train_samples, args.max_eval_samples, args.max_steps, args.num_calibration_batches, args.model]
+    if any(v is not None for v in smoke) and not args.out and not args.report:
+        parser.error(
+            "smoke-run flags (--max-*, --num-calibration-batches, --model) need --out: the committed sweep "
+            "file holds the protocol's runs only (choose() reads the last row per task, method and rate)"
+        )
     out = Path(args.out) if args.out else OUT
     if args.report:
         print(report(out, tasks))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,11 +58,15 @@ def _broadcast_from_rank0(indices: list[torch.Tensor]) -> list[torch.Tensor]:
     """Make every rank use rank 0's indices (per-tensor sizes are equal on all ranks in per_tensor scope)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return indices
-    sizes = torch.tensor([i.numel() for i in indices], dtype=torch.long)
+    device = sharding.comm_device()  # NCCL refuses CPU tensors
+    sizes = torch.tensor([i.numel() for i in indices], dtype=torch.long, device=device)
     dist.broadcast(sizes, src=0)
-    flat = torch.cat(indices) if dist.get_rank() == 0 else torch.empty(int(sizes.sum()), dtype=torch.long)
+    if dist.get_rank() == 0:
+        flat = torch.cat(indices).to(device)
+    else:
+        flat = torch.empty(int(sizes.sum()), dtype=torch.long, device=device)
     dist.broadcast(flat, src=0)
-    return list(torch.split(flat, sizes.tolist()))
+    return list(torch.split(flat.cpu(), sizes.tolist()))
 
 
 # ---------------------------------------------------------------------------------------------------- calibration
@@ -83,6 +87,19 @@ def _default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
             "loss_fn=lambda model, batch: ... to select_parameters."
         )
     return loss
+
+
+def _take(dataloader: Iterable, num_batches: int, sharded: bool) -> Iterator[Any]:
+    """Up to ``num_batches`` batches; on FSDP2 shards every rank checks that all ranks hold the same batch (and stop
+    together), so that no rank leaves for a collective the others are not in."""
+    batches = iter(dataloader)
+    for index in range(num_batches):
+        batch = next(batches, None)
+        if sharded and not sharding.check_same_batch(batch, index):
+            return
+        if batch is None:
+            return
+        yield batch
 
 
 def gradient_scores(
@@ -124,13 +141,9 @@ def gradient_scores(
     done = 0
     try:
         progress = tqdm(total=num_batches, desc=f"SAM calibration ({method})", disable=not (show_progress and rank0))
-        for batch in dataloader:
-            if done >= num_batches:
-                break
+        for batch in _take(dataloader, num_batches, sharded):
             model.zero_grad(set_to_none=True)
             batch = _move_batch(batch, device)
-            if sharded:
-                sharding.check_same_batch(batch, done)
             loss = loss_fn(model, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"Calibration batch {done} gave a non-finite loss ({loss.item()}).")
@@ -221,6 +234,11 @@ def _select_parameters(model, dataloader, adapter_name, method, num_batches, cli
     candidates = find_candidates(model, adapter_name, config.p)
     num_candidates = sum(c.tensor.numel() for c in candidates)
     if method in DATA_FREE_SELECTIONS:
+        if any(sharding.is_sharded(c.tensor) for c in candidates):
+            raise ValueError(
+                f"The data-free selection {method!r} runs on whole tensors, inside get_peft_model: choose it in "
+                "SAMConfig(selection=...) before sharding the model, not in select_parameters on FSDP2 shards."
+            )
         cfg = copy.copy(config)
         cfg.selection = method
         num = select_data_free(model, adapter_name, cfg)
@@ -254,7 +272,8 @@ def _select_parameters(model, dataloader, adapter_name, method, num_batches, cli
         scores = [
             exclude_structural_zeros(c, s.cpu(), lay.row_offset) for c, s, lay in zip(candidates, scores, layouts)
         ]
-        largest = torch.tensor(max((float(s.max()) for s in scores if s.numel()), default=float("-inf")))
+        largest = max((float(s.max()) for s in scores if s.numel()), default=float("-inf"))
+        largest = torch.tensor(largest, dtype=torch.float64, device=sharding.comm_device())
         dist.all_reduce(largest, op=dist.ReduceOp.MAX)
         floor = STRUCTURAL_ZERO_RTOL * float(largest)
         indices = sharding.sharded_top_entries(scores, layouts, config.p, config.scope, floor)

@@ -57,7 +57,7 @@ def _shard(model) -> None:
     fully_shard(model)
 
 
-def _worker(rank, world, port, out_dir, method, scope, same_batches):
+def _worker(rank, world, port, out_dir, method, scope, misuse):
     import sys
 
     sys.path.insert(0, os.path.dirname(__file__))
@@ -69,10 +69,19 @@ def _worker(rank, world, port, out_dir, method, scope, same_batches):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model = _model(method, scope)
-        _shard(model)
-        batches = make_batches(num=6) if same_batches else make_batches(num=6, seed=rank)
+        if misuse == "blocks_only":  # the root is not sharded: embeddings and head stay whole
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.base_model.model.bert.encoder.layer:
+                fully_shard(layer)
+        else:
+            _shard(model)
+        batches = {"other_batches": make_batches(num=6, seed=rank), "fewer_batches": make_batches(num=6 - rank)}
+        batches = batches.get(misuse, make_batches(num=6))
         try:
-            summary = peft_sam.select_parameters(model, batches, show_progress=False)
+            summary = peft_sam.select_parameters(
+                model, batches, show_progress=False, method="magnitude" if misuse == "data_free" else None
+            )
         except ValueError as exc:
             torch.save({"error": str(exc)}, os.path.join(out_dir, f"rank{rank}.pt"))
             return
@@ -108,7 +117,7 @@ def test_sharded_calibration_selects_what_one_process_selects(tmp_path, method, 
     single = _model(method, scope)
     summary = peft_sam.select_parameters(single, make_batches(num=6), show_progress=False)
     expected = _entries(single)
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), method, scope, True), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), method, scope, None), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for result in ranks:
         assert result["entries"].keys() == expected.keys()
@@ -127,11 +136,19 @@ def test_sharded_calibration_selects_what_one_process_selects(tmp_path, method, 
         assert torch.equal(idx, expected[name]), name
 
 
-def test_sharded_calibration_refuses_different_batches_per_rank(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), "sam", "per_tensor", False), nprocs=2, join=True)
+@pytest.mark.parametrize(
+    "misuse, message",
+    [
+        ("other_batches", "differs between ranks"),  # each rank its own shard of the data (the DDP recipe)
+        ("fewer_batches", "ran out of calibration batches at different counts"),  # no rank hangs in a collective
+        ("data_free", "before sharding the model"),
+        ("blocks_only", "call fully_shard on the root module too"),
+    ],
+)
+def test_sharded_calibration_misuse_gets_a_clear_error_on_every_rank(tmp_path, misuse, message):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), "sam", "per_tensor", misuse), nprocs=2, join=True)
     for r in range(2):
-        error = torch.load(tmp_path / f"rank{r}.pt")["error"]
-        assert "differs between ranks" in error and "same dataloader" in error
+        assert message in torch.load(tmp_path / f"rank{r}.pt")["error"]
 
 
 def test_fsdp1_model_is_refused_with_the_fix():

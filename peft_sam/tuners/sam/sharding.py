@@ -8,10 +8,15 @@ are all-gathered, and every rank keeps the same global top-k. That is exact: an 
 than k entries above it anywhere, so it is in its own rank's local top-k; ties go to the lower flat index, as on one
 process.
 
-Every rank must feed the *same* calibration batches: the reference clips each batch's whole gradient to norm 1
-before summing, and FSDP only ever holds a rank-average of the ranks' gradients, so per-batch clipping is exact only
-when all ranks see the same batch. The batches are checked (a fingerprint all-reduce per batch). FSDP1
-(``FullyShardedDataParallel``, flat parameters) is refused with the fix.
+Memory: per-tensor scope (the default) gathers at most ``world * int(p * numel)`` (score, index) pairs of one tensor
+at a time; global scope gathers up to ``world * int(p * total)`` pairs at once (16 bytes each: 4.3 GB per rank for a
+7B model on 8 ranks at p = 0.005), so use it only at small ``p``.
+
+Every rank must feed the *same* calibration batches, with the same random seed (dropout): the reference clips each
+batch's whole gradient to norm 1 before summing, and FSDP only ever holds a rank-average of the ranks' gradients, so
+per-batch clipping is exact only when all ranks see the same batch. Batches and random-number states are checked (a
+fingerprint all-reduce per batch, which also makes the ranks stop together). FSDP1 (``FullyShardedDataParallel``,
+flat parameters) is refused with the fix.
 """
 
 from __future__ import annotations
@@ -26,12 +31,20 @@ from torch import nn
 __all__ = [
     "ShardLayout",
     "check_same_batch",
+    "comm_device",
     "is_sharded",
     "refuse_fsdp1",
     "shard_layouts",
     "sharded_grad_norm",
     "sharded_top_entries",
 ]
+
+
+def comm_device() -> torch.device:
+    """Where the collectives' own tensors live: the current CUDA device under NCCL (which refuses CPU tensors)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:
@@ -89,6 +102,12 @@ def shard_layouts(tensors: list[torch.Tensor]) -> list[ShardLayout]:
     from torch.distributed.tensor import Shard
 
     world, rank = dist.get_world_size(), dist.get_rank()
+    plain = [i for i, t in enumerate(tensors) if not is_sharded(t)]
+    if plain:
+        raise ValueError(
+            f"select_parameters found {len(plain)} candidate tensors outside FSDP2's shards next to sharded ones: "
+            "call fully_shard on the root module too (after the blocks), so that every weight is sharded."
+        )
     for t in tensors:
         mesh = t.device_mesh
         if mesh.ndim != 1 or mesh.size() != world or tuple(t.placements) != (Shard(0),):
@@ -97,10 +116,13 @@ def shard_layouts(tensors: list[torch.Tensor]) -> list[ShardLayout]:
                 f"placements {tuple(t.placements)} on a mesh of shape {tuple(mesh.shape)}. Calibrate before sharding, "
                 "or use fully_shard's default placement on one mesh dimension."
             )
-    rows = torch.tensor([local(t).shape[0] if local(t).dim() else 1 for t in tensors], dtype=torch.long)
+    rows = torch.tensor(
+        [local(t).shape[0] if local(t).dim() else 1 for t in tensors], dtype=torch.long, device=comm_device()
+    )
     gathered = [torch.empty_like(rows) for _ in range(world)]
     dist.all_gather(gathered, rows)
-    before = torch.stack(gathered[:rank]).sum(0) if rank else torch.zeros_like(rows)
+    before = (torch.stack(gathered[:rank]).sum(0) if rank else torch.zeros_like(rows)).tolist()
+    rows = rows.tolist()
     return [ShardLayout(t.shape, int(off), int(n)) for t, off, n in zip(tensors, before, rows)]
 
 
@@ -109,10 +131,11 @@ def sharded_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     sharded = [local(g) for g in grads if is_sharded(g)]
     whole = [g for g in grads if not is_sharded(g)]
     device = (sharded or whole)[0].device
-    sq_sharded = sum((g.double().square().sum() for g in sharded), torch.zeros((), dtype=torch.float64, device=device))
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    sq_sharded = sum((g.double().square().sum() for g in sharded), zero).to(comm_device())
     dist.all_reduce(sq_sharded)
-    sq_whole = sum((g.double().square().sum() for g in whole), torch.zeros((), dtype=torch.float64, device=device))
-    return (sq_sharded + sq_whole).sqrt()
+    sq_whole = sum((g.double().square().sum() for g in whole), zero)
+    return (sq_sharded.to(device) + sq_whole).sqrt()
 
 
 def _fingerprint(batch: Any) -> list[float]:
@@ -130,39 +153,63 @@ def _fingerprint(batch: Any) -> list[float]:
     return values
 
 
-def check_same_batch(batch: Any, index: int) -> None:
-    """Raise unless every rank holds the same batch (numel, sum and a position-weighted sum of each tensor)."""
-    mine = torch.tensor(_fingerprint(batch), dtype=torch.float64)
-    size = torch.tensor([mine.numel()], dtype=torch.long)
-    low, high = size.clone(), size.clone()
+def _rng_fingerprint() -> list[float]:
+    states = [torch.get_rng_state()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states.append(torch.cuda.get_rng_state())
+    return [v for state in states for v in _fingerprint(state)]
+
+
+def _min_max(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    low, high = values.to(comm_device()), values.to(comm_device()).clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return low.cpu(), high.cpu()
+
+
+def check_same_batch(batch: Any | None, index: int) -> bool:
+    """Whether the ranks go on: False once every rank is out of batches (``batch`` None).
+
+    Raises unless every rank holds a batch or none does, and unless the batches and the random-number states (dropout)
+    agree across ranks (numel, sum and a position-weighted sum of each tensor).
+    """
+    present = torch.tensor([0.0 if batch is None else 1.0], dtype=torch.float64)
+    low, high = _min_max(present)
+    if bool(low != high):
+        raise ValueError(
+            f"The ranks ran out of calibration batches at different counts (batch {index}). With FSDP-sharded weights "
+            "every rank must feed the same calibration batches: pass the same dataloader, unsplit, on every rank."
+        )
+    if batch is None:
+        return False
+    mine = torch.tensor(_fingerprint(batch) + _rng_fingerprint(), dtype=torch.float64)
+    low, high = _min_max(torch.tensor([float(mine.numel())], dtype=torch.float64))
     same = bool(low == high)
     if same:
-        lo, hi = mine.clone(), mine.clone()
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        same = bool(torch.equal(lo, hi))
+        low, high = _min_max(mine)
+        same = bool(torch.equal(low, high))
     if not same:
         raise ValueError(
-            f"Calibration batch {index} differs between ranks. With FSDP-sharded weights every rank must feed the same "
-            "calibration batches (each batch's whole gradient is clipped before it is summed, and FSDP only holds the "
-            "ranks' average): pass the same dataloader, unsplit and identically seeded, on every rank."
+            f"Calibration batch {index} (or the random-number state its dropout draws from) differs between ranks. "
+            "With FSDP-sharded weights every rank must feed the same calibration batches with the same seed (each "
+            "batch's whole gradient is clipped before it is summed, and FSDP only holds the ranks' average): pass the "
+            "same dataloader, unsplit, on every rank, and seed every rank alike (torch.manual_seed)."
         )
+    return True
 
 
 def _gather_varlen(values: torch.Tensor) -> torch.Tensor:
     """Concatenation over ranks (rank order) of 1-D tensors of different lengths."""
-    world = dist.get_world_size()
-    n = torch.tensor([values.numel()], dtype=torch.long)
+    world, device = dist.get_world_size(), comm_device()
+    n = torch.tensor([values.numel()], dtype=torch.long, device=device)
     sizes = [torch.empty_like(n) for _ in range(world)]
     dist.all_gather(sizes, n)
-    longest = int(max(int(s) for s in sizes))
-    padded = torch.zeros(longest, dtype=values.dtype, device=values.device)
+    sizes = [int(s) for s in sizes]
+    padded = torch.zeros(max(sizes), dtype=values.dtype, device=device)
     padded[: values.numel()] = values
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
-    return torch.cat([p[: int(s)] for p, s in zip(parts, sizes)])
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(values.device)
 
 
 def _stable_top(scores: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
@@ -183,8 +230,9 @@ def sharded_top_entries(
     are never chosen)."""
     if scope not in ("per_tensor", "global"):
         raise ValueError(f"scope must be 'per_tensor' or 'global', got {scope!r}")
-    valid = torch.tensor([int((s > floor).sum()) for s in local_scores], dtype=torch.long)
+    valid = torch.tensor([int((s > floor).sum()) for s in local_scores], dtype=torch.long, device=comm_device())
     dist.all_reduce(valid)
+    valid = valid.cpu()
     chosen: list[torch.Tensor] = []
     if scope == "per_tensor":
         for s, lay, n_valid in zip(local_scores, layouts, valid.tolist()):
