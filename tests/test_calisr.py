@@ -197,7 +197,7 @@ def _trained_names(model, batch):
     for name, param in model.named_parameters():
         if param.grad is None:
             continue
-        name = re.sub(r"^base_model\.model\.", "", name).replace(".base_layer", "")
+        name = re.sub(r"^base_model\.model\.", "", name).replace(".base_layer", "").replace(".calisr_inner", "")
         name = re.sub(r"\.(calisr_extra|mpo_central_delta)\.default$", ".weight", name)
         name = re.sub(r"\.calisr_extra_bias\.default$", ".bias", name)
         names.add(name.replace(".modules_to_save.default", ""))
@@ -357,7 +357,7 @@ def test_gradients_before_and_frozen_extra_after_the_switch(kind):
     _train(model, optimizer, controller, batches[:2])
     model(**batches[2]).loss.backward()  # step 3: still full fine-tuning
     # the wrapped method's tensors on the CaliSr layers (SAM offsets on embedding rows outside the batch get none)
-    wrapped = tuple(f"{name}.base_layer." for name, _ in _measured(model))
+    wrapped = tuple(f"{name}.calisr_inner." for name, _ in _measured(model))
     inner_params = [
         p
         for n, p in model.named_parameters()
@@ -896,3 +896,85 @@ def test_certified_backend_is_within_1e_10_of_svd_and_gives_the_same_decisions()
         torch.testing.assert_close(warm, stable_rank_batched([m + 1e-6, 2 * m]), rtol=1e-10, atol=0)
     certified = _same_decisions_as_svd("certified", rel=1e-10)
     assert certified.state_dict()["sr_bases"], "the warm starts are part of the saved controller state"
+
+
+# ---------------------------------------------------------------------------------------------------- naming (PEFT)
+@pytest.mark.parametrize("kind", ["lora", "sam", "mpo"])
+def test_every_adapter_tensor_carries_the_prefix_and_base_tensors_train_nowhere(kind):
+    """PEFT finds an adapter's tensors by its prefix (its generic tests, transformers): the wrapped method's tensors
+    sit in ``calisr_inner``, the original module once in the tree as ``base_layer``; after training the tensors without
+    the prefix (head copies aside) are unchanged (SAM keeps W0 + Delta in the base tensors between forwards: compared
+    through the state dict, which holds W0)."""
+    model = _calisr(kind)
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    assert len(names) == len(set(names)) == len(dict(model.named_parameters()))  # each tensor under one name
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" not in n]
+    assert any(".calisr_inner." in n for n in trainable) and all("calisr_" in n for n in trainable)
+    assert not any(
+        "calisr_" in n for n, _ in model.named_parameters() if n.endswith(("base_layer.weight", "base_layer.bias"))
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    for batch in make_batches(num=3, seed=2):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("calisr_" in k or "modules_to_save" in k for k in changed), sorted(changed)[:5]
+
+
+def test_adapter_saved_with_the_inner_layer_in_base_layer_still_loads(tmp_path):
+    """Adapters saved before the inner layer moved to ``calisr_inner`` (keys ``<layer>.base_layer.lora_A.weight``)."""
+    from safetensors.torch import load_file, save_file
+
+    model = get_peft_model(
+        tiny_bert(0), CaliSrConfig(adapter=LoraConfig(r=2), init_weights=False, task_type="SEQ_CLS", seed=3)
+    )
+    with torch.no_grad():  # values a fresh adapter from the same config does not have
+        for name, param in model.named_parameters():
+            if ".lora_" in name:
+                param.add_(0.1)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    stored = load_file(path)
+    assert any(".calisr_inner.lora_A." in k for k in stored) and not any(".base_layer." in k for k in stored)
+    save_file({k.replace(".calisr_inner.", ".base_layer."): v for k, v in stored.items()}, path)
+    batch = make_batches()[0]
+    loaded = PeftModel.from_pretrained(tiny_bert(0), tmp_path)
+    torch.testing.assert_close(_logits(loaded, batch), _logits(model, batch), atol=0, rtol=0)
+    fresh = get_peft_model(
+        tiny_bert(0), CaliSrConfig(adapter=LoraConfig(r=2), init_weights=False, task_type="SEQ_CLS", seed=3)
+    )
+    assert not torch.allclose(_logits(fresh, batch), _logits(model, batch))  # the file's values made the difference
+
+
+def test_modules_to_save_on_a_module_another_adapter_trains_in_full_is_refused():
+    model = get_peft_model(tiny_bert(0), CaliSrConfig(adapter=LoraConfig(r=2), task_type="SEQ_CLS"))
+    target = "bert.encoder.layer.1.output.dense"
+    before = {n: type(m) for n, m in model.named_modules()}
+    second = CaliSrConfig(adapter=LoraConfig(r=2), modules_to_save=[target])
+    with pytest.raises(ValueError, match="one or the other"):
+        model.add_adapter("second", second)
+    assert "second" not in model.peft_config and {n: type(m) for n, m in model.named_modules()} == before
+
+
+@pytest.mark.parametrize("kind", ["lora", "sam", "mpo"])
+def test_peft_direct_injection_round_trip(kind, tmp_path):
+    """``peft.inject_adapter_in_model`` + ``set_peft_model_state_dict`` (no PeftModel) reproduce the saved adapter."""
+    from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    inner = {"lora": LoraConfig(r=2), "sam": SAMConfig(p=0.05, selection="random"), "mpo": MPOConfig()}[kind]
+    model = get_peft_model(tiny_bert(0), CaliSrConfig(adapter=inner, init_weights=False))
+    with torch.no_grad():  # values the config alone does not reproduce
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.01)
+    model.save_pretrained(tmp_path)
+    batch = make_batches()[0]
+    injected = inject_adapter_in_model(PeftConfig.from_pretrained(tmp_path), tiny_bert(0))
+    result = set_peft_model_state_dict(injected, load_file(tmp_path / "adapter_model.safetensors"))
+    assert not result.unexpected_keys
+    torch.testing.assert_close(_logits(injected, batch), _logits(model, batch), atol=0, rtol=0)

@@ -1,11 +1,12 @@
 """CaliSr layers: every backbone module full fine-tuning would train, plus (where the wrapped lightweight method adapts
 it) that method's layer, and per adapter the full-fine-tuning part ``W_extra``.
 
-A CaliSr layer's ``base_layer`` is either the *inner* tuner layer (e.g. a LoRA ``Linear`` around the original
-``nn.Linear``) or, for a module the wrapped method does not adapt, the original module itself (an ``nn.Linear``
-outside LoRA's targets, an ``nn.Embedding``, a ``LayerNorm``, ...). Everything the inner layer holds belongs to the
-adapter as well (PEFT finds adapter tensors structurally: all tensors of a tuner layer except its ``base_layer``).
-Per adapter a layer holds dense, zero-initialised deltas of the module's own ``weight`` (``calisr_extra``) and
+A CaliSr layer's ``base_layer`` is the original module (an ``nn.Linear``, ``nn.Embedding``, ``LayerNorm``, ...). Where
+the wrapped method adapts the module, its layer (e.g. a LoRA ``Linear``) sits in ``calisr_inner``: that layer still
+reads the original module as its own ``base_layer``, but holds it as a plain attribute, not as a registered child, so
+the module appears once in the tree (``<name>.base_layer.weight``) and every adapter tensor's name carries the
+``calisr_`` prefix (``<name>.calisr_inner.lora_A.default.weight``), as PEFT's conventions and transformers' loader
+expect. Per adapter a layer holds dense, zero-initialised deltas of the module's own ``weight`` (``calisr_extra``) and
 ``bias`` (``calisr_extra_bias``); for an MPO inner layer the weight's W_extra is the MPO central tensor offset
 (``mpo_central_delta``, MPOP "full"), so no dense copy exists. The forward runs the inner layer (or the module) with
 ``weight -> weight + W_extra`` and ``bias -> bias + W_extra_bias`` (``torch.func.functional_call``: one matmul, as
@@ -24,12 +25,13 @@ import warnings
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
 from .._common import AdditiveDeltaLayer
+from ..sam.layer import in_out_features
 
 MPO_EXTRA_NAME = "mpo_central_delta"
 
@@ -53,6 +55,26 @@ def inner_kind(layer: nn.Module) -> str | None:
 
 
 EXTRA_SLOTS = {"weight": "calisr_extra", "bias": "calisr_extra_bias"}
+INNER_NAME = "calisr_inner"  # where a CaliSr layer registers the wrapped method's layer
+
+
+def attach_inner(layer: nn.Module, inner: BaseTunerLayer) -> None:
+    """Register ``inner`` as ``layer.calisr_inner`` and its original module as ``layer.base_layer``; ``inner`` keeps
+    reading that module as ``inner.base_layer``, an unregistered attribute, so it is not a second path in the tree."""
+    original = inner._modules.pop("base_layer", None)
+    if original is None:  # already detached (e.g. a deep copy made while attached)
+        original = inner.__dict__["base_layer"]
+    object.__setattr__(inner, "base_layer", original)
+    layer.base_layer = original
+    layer.calisr_inner = inner
+
+
+def detach_inner(layer: nn.Module) -> BaseTunerLayer:
+    """Undo :func:`attach_inner`: the inner layer owns its original module again (the layer keeps a reference)."""
+    inner = layer._modules.pop(INNER_NAME)
+    original = inner.__dict__.pop("base_layer")
+    inner._modules["base_layer"] = original
+    return inner
 
 
 def own_tensor_names(module: nn.Module) -> tuple[str, ...]:
@@ -115,7 +137,10 @@ class CaliSrLayer(AdditiveDeltaLayer, BaseTunerLayer):
     other_param_names = ()
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
-        self.base_layer = base_layer
+        if inner_kind(base_layer) is not None:  # the wrapped method's layer around the original module
+            attach_inner(self, base_layer)
+        else:
+            self.base_layer = base_layer
         self.calisr_extra = nn.ParameterDict({})  # W_extra of the module's weight, per adapter
         self.calisr_extra_bias = nn.ParameterDict({})  # W_extra of its bias, per adapter
         # adapter -> group name (attention / ffn1 / ffn2 / model), None for a module outside every group (it stops
@@ -127,18 +152,15 @@ class CaliSrLayer(AdditiveDeltaLayer, BaseTunerLayer):
         self.bind_inner()
 
     def bind_inner(self) -> None:
-        """Derive what depends on ``base_layer`` (again after the wrapped method adapts a plain module later)."""
-        self.inner_kind = inner_kind(self.base_layer)
-        path, module = [], self.base_layer
-        while hasattr(module, "base_layer"):
-            path.append("base_layer")
-            module = module.base_layer
-        self._leaf_path = ".".join(path)
+        """Derive what depends on the inner layer (again after the wrapped method adapts a plain module later)."""
+        inner = self.inner
+        self.inner_kind = inner_kind(inner) if inner is not None else None
+        self._leaf_path = "base_layer" if inner is not None else ""  # from the forward target to the module
+        module = self.base_layer
         self._is_conv1d = isinstance(module, Conv1D)  # weight [in, out] (GPT-2 style) instead of [out, in]
         self.is_matrix = isinstance(module, (nn.Linear, Conv1D))
         self.tensor_names = own_tensor_names(module)
-        if self.is_matrix:
-            self.in_features, self.out_features = _get_in_out_features(module)
+        self.in_features, self.out_features = in_out_features(module)
 
     def _path(self, tensor_name: str) -> str:
         return f"{self._leaf_path}.{tensor_name}" if self._leaf_path else tensor_name
@@ -146,7 +168,13 @@ class CaliSrLayer(AdditiveDeltaLayer, BaseTunerLayer):
     @property
     def inner(self) -> BaseTunerLayer | None:
         """The wrapped lightweight-method layer (None where the method does not adapt this module)."""
-        return self.base_layer if self.inner_kind is not None else None
+        return self._modules.get(INNER_NAME)
+
+    @property
+    def forward_target(self) -> nn.Module:
+        """What the forward runs: the inner layer, else the original module."""
+        inner = self._modules.get(INNER_NAME)
+        return inner if inner is not None else self.base_layer
 
     def _inner_has(self, adapter_name: str) -> bool:
         return self.inner is not None and adapter_name in self.inner._all_available_adapter_names()
@@ -252,8 +280,11 @@ class CaliSrLayer(AdditiveDeltaLayer, BaseTunerLayer):
             for param in self.extra_parameters(adapter_name):
                 param.requires_grad_(True)
 
-    def delete_adapter(self, adapter_name: str) -> None:  # noqa: D102
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete ``adapter_name`` here and in the inner layer (PEFT skips tuner layers under a prefixed name)."""
         self.calisr_group.pop(adapter_name, None)  # first: the base class picks the new active adapter from the rest
+        if self._inner_has(adapter_name):
+            self.inner.delete_adapter(adapter_name)
         super().delete_adapter(adapter_name)
 
     def _all_available_adapter_names(self) -> list[str]:  # noqa: D102
@@ -380,8 +411,9 @@ class CaliSrLayer(AdditiveDeltaLayer, BaseTunerLayer):
         """The inner layer (or module) with its weight and bias replaced by ``tensor + sum of active W_extra``."""
         if self.disable_adapters:
             return self.disabled_forward(x, *args, **kwargs)
+        target = self.forward_target
         if self.merged:
-            return self.base_layer(x, *args, **kwargs)
+            return target(x, *args, **kwargs)
         leaf = self.get_base_layer()
         deltas: dict[str, torch.Tensor] = {}
         for adapter in self.active_adapters:
@@ -390,13 +422,13 @@ class CaliSrLayer(AdditiveDeltaLayer, BaseTunerLayer):
                 found = deltas.get(tensor_name)
                 deltas[tensor_name] = extra.to(dtype) if found is None else found + extra.to(dtype)
         if not deltas:
-            return self.base_layer(x, *args, **kwargs)
+            return target(x, *args, **kwargs)
         if self.inner_kind == "SAM":
             self.inner.refresh_base()  # before functional_call swaps the tensors SAM writes its entries into
         if any(tensor_name in vars(leaf) for tensor_name in deltas):
             # A wrapper (FSDP with use_orig_params) has set the tensors as plain attributes for this forward, which
             # shadow the registered ones functional_call swaps: add the deltas' contribution to the output instead.
-            out = self.base_layer(x, *args, **kwargs)
+            out = target(x, *args, **kwargs)
             extra = None if args or kwargs else _extra_contribution(leaf, x, deltas, self._is_conv1d)
             if extra is None:
                 raise NotImplementedError(
@@ -406,10 +438,32 @@ class CaliSrLayer(AdditiveDeltaLayer, BaseTunerLayer):
                 )
             return out + extra.to(out.dtype)
         params = {self._path(name): getattr(leaf, name) + delta for name, delta in deltas.items()}
-        return torch.func.functional_call(self.base_layer, params, (x, *args), kwargs, tie_weights=False, strict=False)
+        return torch.func.functional_call(target, params, (x, *args), kwargs, tie_weights=False, strict=False)
+
+    def disabled_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The output with every adapter disabled: the inner layer (disabled alongside) or the original module."""
+        if self.merged:
+            self.unmerge()
+        return self.forward_target(x, *args, **kwargs)
 
     def __repr__(self) -> str:
         return "calisr." + super().__repr__()
+
+
+def _sam_inner_state_dict_hook(module: CaliSrLayer, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    """A SAM inner layer's original tensors are registered here (``<prefix>base_layer.*``): save them as W0."""
+    if module.inner_kind == "SAM":
+        from ..sam.layer import _pristine_state_dict_hook
+
+        _pristine_state_dict_hook(module.inner, state_dict, prefix, local_metadata)
+
+
+def _sam_inner_load_hook(module: CaliSrLayer, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Loading anything into the layer starts from W0 (a SAM inner layer keeps W0 + Delta in the base tensors)."""
+    if module.inner_kind == "SAM":
+        from ..sam.layer import _restore_before_load_hook
+
+        _restore_before_load_hook(module.inner, state_dict, prefix, *args)
 
 
 class CaliSrModule(nn.Module, CaliSrLayer):
@@ -419,6 +473,8 @@ class CaliSrModule(nn.Module, CaliSrLayer):
         super().__init__()
         CaliSrLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
+        self.register_state_dict_post_hook(_sam_inner_state_dict_hook)
+        self.register_load_state_dict_pre_hook(_sam_inner_load_hook)
         self.update_layer(adapter_name, config, group=group)
 
     forward = CaliSrLayer.dispatch_forward

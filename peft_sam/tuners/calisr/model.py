@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 import warnings
 from collections.abc import Iterator
 
@@ -17,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .._common import UnloadKeepsModules, resolve_adapter_config
 from .config import CaliSrConfig
-from .layer import CaliSrLayer, CaliSrModule, own_tensor_names
+from .layer import CaliSrLayer, CaliSrModule, attach_inner, detach_inner, own_tensor_names
 
 _INJECTING_ATTR = "_calisr_pending_targets"
 
@@ -57,49 +58,58 @@ def _parent_and_name(model: nn.Module, key: str) -> tuple[nn.Module, str]:
 
 @contextlib.contextmanager
 def _calisr_layers_unwrapped(model: nn.Module) -> Iterator[None]:
-    """Temporarily put every CaliSr layer's inner layer in its place, so the wrapped method's tuner sees its own
-    layers when another adapter is added (and updates them in place instead of stacking a new layer on top)."""
+    """Temporarily put every CaliSr layer's inner layer (owning its original module again) or its plain module in its
+    place, so the wrapped method's tuner sees the model as it left it when another adapter is added (and updates its
+    layers in place instead of stacking a new layer on top)."""
     wrapped = [
         (*_parent_and_name(model, key), module)
         for key, module in model.named_modules()
         if isinstance(module, CaliSrLayer)
     ]
+    standins = []
     for parent, name, layer in wrapped:
-        setattr(parent, name, layer.base_layer)
+        standin = detach_inner(layer) if layer.inner is not None else layer.base_layer
+        standins.append(standin)
+        setattr(parent, name, standin)
     try:
         yield
     finally:
-        for parent, name, layer in wrapped:
+        for (parent, name, layer), standin in zip(wrapped, standins):
             current = getattr(parent, name)
-            if current is not layer.base_layer and layer.inner is None and isinstance(current, BaseTunerLayer):
+            if current is not standin and standin is layer.base_layer and isinstance(current, BaseTunerLayer):
                 # the wrapped method now adapts a module CaliSr held plain (another adapter targets it): wrap its layer
                 if current.get_base_layer() is layer.base_layer:
-                    layer.base_layer = current
-                    layer.bind_inner()
-            if current is not layer.base_layer:
+                    standin = current
+            if current is not standin:
                 raise RuntimeError(
                     f"The wrapped method replaced the layer {name!r} instead of updating it; CaliSr adapters on one "
                     "model must all wrap the same method."
                 )
+            if standin is not layer.base_layer:
+                attach_inner(layer, standin)
+                layer.bind_inner()
             setattr(parent, name, layer)
 
 
-def _refuse_direct_injection(peft_config) -> None:
-    """A CaliSr adapter is made and loaded through ``PeftModel`` only (which hands its tuner a dict of configs).
+def _refuse_transformers_loader() -> None:
+    """transformers' ``model.load_adapter`` / ``add_adapter`` cannot hold a CaliSr adapter: refuse them clearly.
 
-    The other paths hand the tuner a bare config: ``peft.inject_adapter_in_model``, used by transformers'
-    ``model.load_adapter`` / ``add_adapter``, and ``PeftMixedModel``. transformers' loader renames only checkpoint keys
-    holding the method prefix (``calisr_``), so the wrapped method's tensors (``lora_A``, ``sam_values``,
-    ``mpo_aux``, ...) would silently keep their initial values; refuse them all with a clear error.
+    Its loader inserts the adapter name right after the first ``calisr_``-prefixed part of each checkpoint key
+    (``calisr_extra`` -> ``calisr_extra.<adapter>``), but the wrapped method's tensors carry it deeper
+    (``calisr_inner.lora_A.<adapter>.weight``), so they would silently keep their initial values. PEFT's own paths
+    (``PeftModel``, ``inject_adapter_in_model`` + ``set_peft_model_state_dict``) map keys structurally and work.
     """
-    if isinstance(peft_config, PeftConfig):
-        raise NotImplementedError(
-            "A CaliSr adapter cannot be injected into a model directly (transformers' model.load_adapter / "
-            "add_adapter, peft.inject_adapter_in_model, PeftMixedModel): transformers' loader only renames keys with "
-            "the 'calisr_' prefix, so the wrapped LoRA/SAM/MPO tensors would stay untrained. Create it with "
-            "peft.get_peft_model(model, CaliSrConfig(...)) and load it with peft_sam.PeftModel.from_pretrained(model, "
-            "path) or AutoPeftModelFor*.from_pretrained(path)."
-        )
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith("transformers.integrations.peft"):
+            raise NotImplementedError(
+                "transformers' model.load_adapter / add_adapter cannot make a CaliSr adapter: its loader renames "
+                "checkpoint keys after their first 'calisr_' part, while the wrapped LoRA/SAM/MPO tensors carry the "
+                "adapter name deeper (calisr_inner.lora_A.<adapter>.weight), so they would silently stay untrained. "
+                "Load it with peft_sam.PeftModel.from_pretrained(model, path) or "
+                "AutoPeftModelFor*.from_pretrained(path); create it with peft.get_peft_model(model, CaliSrConfig(...))."
+            )
+        frame = frame.f_back
 
 
 def _ends_with_any(key: str, names) -> bool:
@@ -128,7 +138,7 @@ def _shared_tensor_ids(model: nn.Module) -> set[int]:
 
 def wrapped_inner_ids(model: nn.Module) -> set[int]:
     """ids of the inner tuner layers that sit inside a CaliSr layer."""
-    return {id(m.base_layer) for m in model.modules() if isinstance(m, CaliSrLayer)}
+    return {id(m.inner) for m in model.modules() if isinstance(m, CaliSrLayer) and m.inner is not None}
 
 
 class CaliSrModel(UnloadKeepsModules, BaseTuner):
@@ -146,7 +156,8 @@ class CaliSrModel(UnloadKeepsModules, BaseTuner):
     target_module_mapping: dict[str, list[str]] = {}
 
     def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
-        _refuse_direct_injection(peft_config)
+        if isinstance(peft_config, PeftConfig):  # direct injection (a PeftModel hands its tuner a dict of configs)
+            _refuse_transformers_loader()
         super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     def _prepare_adapter_config(self, peft_config: CaliSrConfig, model_config: dict) -> CaliSrConfig:
@@ -208,6 +219,17 @@ class CaliSrModel(UnloadKeepsModules, BaseTuner):
         inner_config = config.adapter
         inner_config.inference_mode = config.inference_mode
         inner_saved = inner_config.modules_to_save if hasattr(inner_config, "modules_to_save") else None
+        both = [
+            k
+            for k, m in model.named_modules()
+            if isinstance(m, CaliSrLayer) and _ends_with_any(k, config.modules_to_save)
+        ]
+        if both:
+            raise ValueError(
+                f"CaliSr adapter {adapter_name!r} lists {both[:3]} in modules_to_save, but another CaliSr adapter of "
+                "this model already trains them in full through its own layers (W_extra): a module can be one or the "
+                "other. List it in modules_to_save of the first adapter too, or leave it out of this one's."
+            )
         with _calisr_layers_unwrapped(model):
             shell = _inner_shell(model, self.peft_config, adapter_name, self.active_adapter)
             if hasattr(inner_config, "modules_to_save"):
@@ -349,12 +371,33 @@ class CaliSrModel(UnloadKeepsModules, BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Delegate to the wrapped method (e.g. SAM resizes its placeholders to the stored entries)."""
+        """Delegate to the wrapped method (e.g. SAM resizes its placeholders to the stored entries), after renaming the
+        keys of an adapter saved while the wrapped method's layer sat in ``base_layer`` (before 2026-12-02; a CaliSr
+        checkpoint never holds base tensors, so such a key is always the inner layer's) to ``calisr_inner``."""
+        state_dict = _migrate_inner_keys(model, state_dict)
         inner_cls = _inner_tuner_cls(config)
         return inner_cls._remap_adapter_state_dict_for_load(model, config.adapter, adapter_name, state_dict)
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+def _migrate_inner_keys(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``<layer>.base_layer.<rest>`` -> ``<layer>.calisr_inner.<rest>`` for every CaliSr layer with an inner layer."""
+    layers = set()
+    for name, module in model.named_modules():
+        if isinstance(module, CaliSrLayer) and module.inner is not None:
+            layers.update({name, name.removeprefix("base_model.model.")})
+    if not layers:
+        return state_dict
+    out = {}
+    for key, value in state_dict.items():
+        head, sep, rest = key.partition(".base_layer.")
+        while sep and head not in layers:  # the layer's own base_layer is the first one after its name
+            more_head, sep, rest = rest.partition(".base_layer.")
+            head = f"{head}.base_layer.{more_head}"
+        out[f"{head}.calisr_inner.{rest}" if sep else key] = value
+    return out
+
+
 def calisr_layers(model: nn.Module, adapter_name: str | None = None) -> list[tuple[str, CaliSrLayer]]:
     """(name, layer) of every CaliSr layer (holding ``adapter_name`` if given), in module order."""
     return [
