@@ -960,21 +960,11 @@ def test_modules_to_save_on_a_module_another_adapter_trains_in_full_is_refused()
     assert "second" not in model.peft_config and {n: type(m) for n, m in model.named_modules()} == before
 
 
-@pytest.mark.parametrize("kind", ["lora", "sam", "mpo"])
-def test_peft_direct_injection_round_trip(kind, tmp_path):
-    """``peft.inject_adapter_in_model`` + ``set_peft_model_state_dict`` (no PeftModel) reproduce the saved adapter."""
-    from peft import PeftConfig, inject_adapter_in_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
+def test_direct_injection_is_refused():
+    """transformers' loader cannot map the wrapped tensors' keys; a bare-config injection (its path) is refused."""
+    from peft import inject_adapter_in_model
 
-    inner = {"lora": LoraConfig(r=2), "sam": SAMConfig(p=0.05, selection="random"), "mpo": MPOConfig()}[kind]
-    model = get_peft_model(tiny_bert(0), CaliSrConfig(adapter=inner, init_weights=False))
-    with torch.no_grad():  # values the config alone does not reproduce
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.01)
-    model.save_pretrained(tmp_path)
-    batch = make_batches()[0]
-    injected = inject_adapter_in_model(PeftConfig.from_pretrained(tmp_path), tiny_bert(0))
-    result = set_peft_model_state_dict(injected, load_file(tmp_path / "adapter_model.safetensors"))
-    assert not result.unexpected_keys
-    torch.testing.assert_close(_logits(injected, batch), _logits(model, batch), atol=0, rtol=0)
+    model = tiny_bert(0)
+    with pytest.raises(NotImplementedError, match="calisr_inner.lora_A.<adapter>.weight"):
+        inject_adapter_in_model(CaliSrConfig(adapter=LoraConfig(r=2)), model)
+    assert not any("calisr_" in name for name, _ in model.named_modules())

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import sys
 import warnings
 from collections.abc import Iterator
 
@@ -91,25 +90,24 @@ def _calisr_layers_unwrapped(model: nn.Module) -> Iterator[None]:
             setattr(parent, name, layer)
 
 
-def _refuse_transformers_loader() -> None:
-    """transformers' ``model.load_adapter`` / ``add_adapter`` cannot hold a CaliSr adapter: refuse them clearly.
+def _refuse_direct_injection(peft_config) -> None:
+    """A CaliSr adapter is made and loaded through ``PeftModel`` only (which hands its tuner a dict of configs).
 
-    Its loader inserts the adapter name right after the first ``calisr_``-prefixed part of each checkpoint key
-    (``calisr_extra`` -> ``calisr_extra.<adapter>``), but the wrapped method's tensors carry it deeper
-    (``calisr_inner.lora_A.<adapter>.weight``), so they would silently keep their initial values. PEFT's own paths
-    (``PeftModel``, ``inject_adapter_in_model`` + ``set_peft_model_state_dict``) map keys structurally and work.
+    The other paths hand the tuner a bare config: ``peft.inject_adapter_in_model``, which transformers'
+    ``model.load_adapter`` / ``add_adapter`` use. transformers' loader inserts the adapter name right after the first
+    ``calisr_``-prefixed part of each checkpoint key (``calisr_extra`` -> ``calisr_extra.<adapter>``), but the wrapped
+    method's tensors carry it deeper (``calisr_inner.lora_A.<adapter>.weight``), so they would silently keep their
+    initial values. Nothing in a bare injection tells transformers' call from another, so all are refused.
     """
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_globals.get("__name__", "").startswith("transformers.integrations.peft"):
-            raise NotImplementedError(
-                "transformers' model.load_adapter / add_adapter cannot make a CaliSr adapter: its loader renames "
-                "checkpoint keys after their first 'calisr_' part, while the wrapped LoRA/SAM/MPO tensors carry the "
-                "adapter name deeper (calisr_inner.lora_A.<adapter>.weight), so they would silently stay untrained. "
-                "Load it with peft_sam.PeftModel.from_pretrained(model, path) or "
-                "AutoPeftModelFor*.from_pretrained(path); create it with peft.get_peft_model(model, CaliSrConfig(...))."
-            )
-        frame = frame.f_back
+    if isinstance(peft_config, PeftConfig):
+        raise NotImplementedError(
+            "A CaliSr adapter cannot be injected into a model directly (transformers' model.load_adapter / "
+            "add_adapter, peft.inject_adapter_in_model): transformers' loader puts the adapter name after the first "
+            "'calisr_' part of each key, while the wrapped LoRA/SAM/MPO tensors carry it deeper "
+            "(calisr_inner.lora_A.<adapter>.weight), so they would silently stay untrained. Create it with "
+            "peft.get_peft_model(model, CaliSrConfig(...)) and load it with peft_sam.PeftModel.from_pretrained(model, "
+            "path) or AutoPeftModelFor*.from_pretrained(path)."
+        )
 
 
 def _ends_with_any(key: str, names) -> bool:
@@ -156,8 +154,7 @@ class CaliSrModel(UnloadKeepsModules, BaseTuner):
     target_module_mapping: dict[str, list[str]] = {}
 
     def __init__(self, model, peft_config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
-        if isinstance(peft_config, PeftConfig):  # direct injection (a PeftModel hands its tuner a dict of configs)
-            _refuse_transformers_loader()
+        _refuse_direct_injection(peft_config)
         super().__init__(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     def _prepare_adapter_config(self, peft_config: CaliSrConfig, model_config: dict) -> CaliSrConfig:
