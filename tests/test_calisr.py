@@ -925,29 +925,47 @@ def test_every_adapter_tensor_carries_the_prefix_and_base_tensors_train_nowhere(
     assert changed and all("calisr_" in k or "modules_to_save" in k for k in changed), sorted(changed)[:5]
 
 
-def test_adapter_saved_with_the_inner_layer_in_base_layer_still_loads(tmp_path):
-    """Adapters saved before the inner layer moved to ``calisr_inner`` (keys ``<layer>.base_layer.lora_A.weight``)."""
+@pytest.mark.parametrize("old_format", [False, True])
+def test_adapter_with_base_tensors_round_trips_in_both_key_formats(tmp_path, old_format):
+    """LoRA's ``bias="lora_only"`` saves the adapted modules' base biases with the adapter
+    (``<layer>.base_layer.bias``). Adapters saved before the inner layer moved to ``calisr_inner`` had
+    ``<layer>.base_layer.lora_A.weight`` and ``<layer>.base_layer.base_layer.bias``; both formats load exactly, base
+    tensors included."""
     from safetensors.torch import load_file, save_file
 
-    model = get_peft_model(
-        tiny_bert(0), CaliSrConfig(adapter=LoraConfig(r=2), init_weights=False, task_type="SEQ_CLS", seed=3)
-    )
+    def config():
+        inner = LoraConfig(r=2, bias="lora_only", target_modules=["query", "value"])
+        return CaliSrConfig(adapter=inner, init_weights=False, task_type="SEQ_CLS", seed=3)
+
+    model = get_peft_model(tiny_bert(0), config())
     with torch.no_grad():  # values a fresh adapter from the same config does not have
         for name, param in model.named_parameters():
-            if ".lora_" in name:
+            if ".lora_" in name or name.endswith(("query.base_layer.bias", "value.base_layer.bias")):
                 param.add_(0.1)
     model.save_pretrained(tmp_path)
     path = tmp_path / "adapter_model.safetensors"
     stored = load_file(path)
-    assert any(".calisr_inner.lora_A." in k for k in stored) and not any(".base_layer." in k for k in stored)
-    save_file({k.replace(".calisr_inner.", ".base_layer."): v for k, v in stored.items()}, path)
+    biases = [k for k in stored if k.endswith(".base_layer.bias")]
+    assert any(".query.base_layer.bias" in k for k in biases) and any(".calisr_inner.lora_A." in k for k in stored)
+    if old_format:
+        old = {k.replace(".base_layer.", ".base_layer.base_layer."): v for k, v in stored.items()}
+        save_file({k.replace(".calisr_inner.", ".base_layer."): v for k, v in old.items()}, path)
     batch = make_batches()[0]
     loaded = PeftModel.from_pretrained(tiny_bert(0), tmp_path)
     torch.testing.assert_close(_logits(loaded, batch), _logits(model, batch), atol=0, rtol=0)
-    fresh = get_peft_model(
-        tiny_bert(0), CaliSrConfig(adapter=LoraConfig(r=2), init_weights=False, task_type="SEQ_CLS", seed=3)
-    )
-    assert not torch.allclose(_logits(fresh, batch), _logits(model, batch))  # the file's values made the difference
+    assert not torch.allclose(_logits(get_peft_model(tiny_bert(0), config()), batch), _logits(model, batch))
+
+
+@pytest.mark.parametrize("kind", ["lora", "sam", "mpo"])
+def test_unload_after_training_gives_the_original_modules(kind):
+    """``unload()`` returns the pre-trained weights (a SAM inner layer holds W0 + Delta between forwards)."""
+    original = {k: v.clone() for k, v in MODEL_FACTORIES["bert"](0).state_dict().items()}
+    model = _calisr(kind)
+    optimizer = _optimizer(model)
+    _train(model, optimizer, CaliSrController(model, optimizer, steps_per_epoch=2), make_batches(num=2, seed=1))
+    unloaded = model.unload().state_dict()
+    changed = [k for k in original if not k.startswith("classifier") and not torch.equal(unloaded[k], original[k])]
+    assert not changed, changed[:5]
 
 
 def test_modules_to_save_on_a_module_another_adapter_trains_in_full_is_refused():

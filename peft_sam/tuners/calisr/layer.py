@@ -406,6 +406,18 @@ class CaliSrLayer(AdditiveDeltaLayer, BaseTunerLayer):
         if self.inner is not None and self.inner.merged:
             self.inner.unmerge()
 
+    def unload_and_optionally_merge_module(
+        self, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """The original module for ``unload``/``merge_and_unload``: merged if asked, otherwise as the inner layer
+        leaves it (a SAM inner layer puts W0 back into the tensors it keeps W0 + Delta in between forwards)."""
+        if merge:
+            self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        inner = self.inner
+        if inner is not None and hasattr(inner, "unload_and_optionally_merge_module"):
+            inner.unload_and_optionally_merge_module(merge=False)
+        return self.get_base_layer()
+
     # ------------------------------------------------------------------ forward
     def dispatch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The inner layer (or module) with its weight and bias replaced by ``tensor + sum of active W_extra``."""

@@ -378,20 +378,30 @@ class CaliSrModel(UnloadKeepsModules, BaseTuner):
 
 # ---------------------------------------------------------------------------------------------------- helpers
 def _migrate_inner_keys(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``<layer>.base_layer.<rest>`` -> ``<layer>.calisr_inner.<rest>`` for every CaliSr layer with an inner layer."""
-    layers = set()
+    """Keys of an adapter saved while the inner layer sat in ``base_layer``: ``<layer>.base_layer.<inner tensor>`` ->
+    ``<layer>.calisr_inner.<inner tensor>`` and ``<layer>.base_layer.base_layer.<t>`` (a base tensor saved with the
+    adapter, e.g. a resized embedding) -> ``<layer>.base_layer.<t>``; every other key is left as it is."""
+    inner_names: dict[str, set[str]] = {}  # CaliSr layer name (with and without PeftModel's prefix) -> inner's names
     for name, module in model.named_modules():
         if isinstance(module, CaliSrLayer) and module.inner is not None:
-            layers.update({name, name.removeprefix("base_model.model.")})
-    if not layers:
+            inner = module.inner
+            own = {n for n, _ in inner.named_children()} | set(inner._parameters) | set(inner._buffers)
+            own.discard("base_layer")
+            inner_names[name] = inner_names[name.removeprefix("base_model.model.")] = own
+    if not inner_names:
         return state_dict
     out = {}
     for key, value in state_dict.items():
         head, sep, rest = key.partition(".base_layer.")
-        while sep and head not in layers:  # the layer's own base_layer is the first one after its name
+        while sep and head not in inner_names:  # the layer's own base_layer is the first one after its name
             more_head, sep, rest = rest.partition(".base_layer.")
             head = f"{head}.base_layer.{more_head}"
-        out[f"{head}.calisr_inner.{rest}" if sep else key] = value
+        first = rest.split(".", 1)[0]
+        if sep and first in inner_names[head]:
+            key = f"{head}.calisr_inner.{rest}"
+        elif sep and first == "base_layer":
+            key = f"{head}.{rest}"
+        out[key] = value
     return out
 
 
