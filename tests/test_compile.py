@@ -1,4 +1,5 @@
-"""SAM and MPO train under torch.compile (CPU inductor) with eager's losses; the SAM Linear compiles with fullgraph."""
+"""SAM, MPO and CaliSr(SAM) train under torch.compile (CPU inductor) with eager's losses; the SAM Linear compiles with
+fullgraph."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from conftest import make_batches, tiny_bert
 from peft import get_peft_model
 
-from peft_sam import MPOConfig, SAMConfig, SAMLayer
+from peft_sam import CaliSrConfig, MPOConfig, SAMConfig, SAMLayer
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="needs a C compiler")
 
@@ -17,6 +18,9 @@ pytestmark = pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc
 def _config(kind: str):
     if kind == "sam":
         return SAMConfig(p=0.05, selection="magnitude", init_weights=False, task_type="SEQ_CLS")
+    if kind == "calisr_sam":  # W_extra and the SAM entries overlap: compiled SAM must not drop W_extra there
+        inner = SAMConfig(p=0.05, selection="magnitude", init_weights=False)
+        return CaliSrConfig(adapter=inner, init_weights=False, task_type="SEQ_CLS")
     return MPOConfig(init_weights=False, task_type="SEQ_CLS")
 
 
@@ -35,7 +39,7 @@ def _losses(kind: str, compiled: bool) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize("kind", ["sam", "mpo"])
+@pytest.mark.parametrize("kind", ["sam", "mpo", "calisr_sam"])
 def test_compiled_training_matches_eager(kind: str) -> None:
     torch._dynamo.reset()
     eager, compiled = _losses(kind, False), _losses(kind, True)

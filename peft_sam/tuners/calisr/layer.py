@@ -437,6 +437,8 @@ class CaliSrLayer(AdditiveDeltaLayer, BaseTunerLayer):
             return target(x, *args, **kwargs)
         if self.inner_kind == "SAM":
             self.inner.refresh_base()  # before functional_call swaps the tensors SAM writes its entries into
+            if torch.compiler.is_compiling():
+                return self._sam_traced_forward(x, deltas, *args, **kwargs)
         if any(tensor_name in vars(leaf) for tensor_name in deltas):
             # A wrapper (FSDP with use_orig_params) has set the tensors as plain attributes for this forward, which
             # shadow the registered ones functional_call swaps: add the deltas' contribution to the output instead.
@@ -451,6 +453,25 @@ class CaliSrLayer(AdditiveDeltaLayer, BaseTunerLayer):
             return out + extra.to(out.dtype)
         params = {self._path(name): getattr(leaf, name) + delta for name, delta in deltas.items()}
         return torch.func.functional_call(target, params, (x, *args), kwargs, tie_weights=False, strict=False)
+
+    def _sam_traced_forward(self, x: torch.Tensor, deltas: dict[str, torch.Tensor], *args: Any, **kwargs: Any):
+        """Compiled forward around a SAM inner layer: the module on ``W0 + Delta + W_extra``, built out of place.
+
+        Compiled SAM never reads the base tensors as current (it rebuilds ``W0 + Delta`` from them by overwriting its
+        entries), which would drop W_extra at the entries if W_extra were already added; so ``W0 + Delta`` is built
+        from the registered tensors first and W_extra added to it (the same values as the eager path).
+        """
+        inner, leaf = self.inner, self.get_base_layer()
+        inner._check_calibrated()
+        params = {}
+        for tensor_name in self.tensor_names:
+            source = inner._source(tensor_name)
+            adapters = source._ready_adapters(tensor_name)
+            tensor = source._out_of_place(tensor_name, adapters) if adapters else getattr(leaf, tensor_name)
+            if tensor_name in deltas:
+                tensor = tensor + deltas[tensor_name]
+            params[tensor_name] = tensor
+        return torch.func.functional_call(leaf, params, (x, *args), kwargs, tie_weights=False, strict=False)
 
     def disabled_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The output with every adapter disabled: the inner layer (disabled alongside) or the original module."""
