@@ -986,3 +986,30 @@ def test_direct_injection_is_refused():
     with pytest.raises(NotImplementedError, match="calisr_inner.lora_A.<adapter>.weight"):
         inject_adapter_in_model(CaliSrConfig(adapter=LoraConfig(r=2)), model)
     assert not any("calisr_" in name for name, _ in model.named_modules())
+
+
+@pytest.mark.parametrize("first,second", [(["query"], ["key", "query"]), (["key", "query"], ["query"])])
+def test_two_mpo_adapters_with_different_targets(first, second, tmp_path):
+    """Where one adapter's MPO adapts a module another adapter holds plain, the latter's W_extra there is dense."""
+
+    def config(targets, seed):
+        inner = MPOConfig(target_modules=targets, init_weights=False, seed=seed)
+        return CaliSrConfig(adapter=inner, init_weights=False, task_type="SEQ_CLS", seed=seed)
+
+    batch = make_batches()[0]
+    model = get_peft_model(tiny_bert(0), config(first, 0))
+    before = _logits(model, batch)
+    model.add_adapter("second", config(second, 1))
+    torch.testing.assert_close(_logits(model, batch), before, atol=0, rtol=0)
+    key = model.base_model.model.bert.encoder.layer[0].attention.self.key
+    for adapter, targets in (("default", first), ("second", second)):
+        extra = key.extra_parameter(adapter)
+        holder = key.inner.mpo_central_delta if "key" in targets else key.calisr_extra
+        assert adapter in holder and extra is holder[adapter]
+        assert (adapter in key.calisr_extra) == ("key" not in targets)
+    model.set_adapter("second")
+    other = _logits(model, batch)
+    assert not torch.equal(other, before)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_bert(0), tmp_path / "second", adapter_name="second")
+    torch.testing.assert_close(_logits(loaded, batch), other, atol=0, rtol=0)

@@ -187,7 +187,7 @@ class CaliSrLayer(AdditiveDeltaLayer, BaseTunerLayer):
         self.calisr_group[adapter_name] = group
         leaf = self.get_base_layer()
         for tensor_name in self.tensor_names:
-            if tensor_name == "weight" and self.inner_kind == "MPO":
+            if tensor_name == "weight" and self._mpo_holds_extra(adapter_name):
                 self._init_mpo_central(adapter_name, config)
                 continue
             base = getattr(leaf, tensor_name)
@@ -227,7 +227,7 @@ class CaliSrLayer(AdditiveDeltaLayer, BaseTunerLayer):
 
     def extra_parameter(self, adapter_name: str) -> nn.Parameter | None:
         """The W_extra of the weight of ``adapter_name`` (for MPO the inner layer's central tensor offset)."""
-        if self.inner_kind == "MPO" and "weight" in self.tensor_names:
+        if "weight" in self.tensor_names and self._mpo_holds_extra(adapter_name):
             return getattr(self.inner, MPO_EXTRA_NAME)[adapter_name]
         return self.calisr_extra[adapter_name] if adapter_name in self.calisr_extra else None
 
@@ -238,12 +238,18 @@ class CaliSrLayer(AdditiveDeltaLayer, BaseTunerLayer):
             found.append(self.calisr_extra_bias[adapter_name])
         return [p for p in found if p is not None]
 
-    def _extra_owners(self) -> list[tuple[BaseTunerLayer, str]]:
+    def _mpo_holds_extra(self, adapter_name: str) -> bool:
+        """Whether the weight's W_extra of ``adapter_name`` is the MPO central tensor offset (its MPO adapts this
+        module); otherwise it is dense (``calisr_extra``), also on a module another adapter's MPO adapts."""
+        return self.inner_kind == "MPO" and self._inner_has(adapter_name)
+
+    def _extra_owners(self, adapter_name: str) -> list[tuple[BaseTunerLayer, str]]:
         """(layer, attribute name) pairs holding W_extra, for PEFT's ``frozen_peft_weight_names``."""
         owners = [(self, EXTRA_SLOTS["bias"])] if "bias" in self.tensor_names else []
         if "weight" in self.tensor_names:
             owners.insert(
-                0, (self.inner, MPO_EXTRA_NAME) if self.inner_kind == "MPO" else (self, EXTRA_SLOTS["weight"])
+                0,
+                (self.inner, MPO_EXTRA_NAME) if self._mpo_holds_extra(adapter_name) else (self, EXTRA_SLOTS["weight"]),
             )
         return owners
 
@@ -252,7 +258,7 @@ class CaliSrLayer(AdditiveDeltaLayer, BaseTunerLayer):
         for param in self.extra_parameters(adapter_name):
             param.requires_grad_(False)
             param.grad = None
-        for owner, attr in self._extra_owners():
+        for owner, attr in self._extra_owners(adapter_name):
             if "frozen_peft_weight_names" not in owner.__dict__:  # the class attribute is shared: give it its own
                 owner.frozen_peft_weight_names = dict(owner.frozen_peft_weight_names)
             names = tuple(owner.frozen_peft_weight_names.get(adapter_name, ()))
@@ -260,7 +266,7 @@ class CaliSrLayer(AdditiveDeltaLayer, BaseTunerLayer):
                 owner.frozen_peft_weight_names[adapter_name] = (*names, attr)
 
     def extra_is_frozen(self, adapter_name: str) -> bool:
-        owners = self._extra_owners()
+        owners = self._extra_owners(adapter_name)
         if not owners:
             return False
         owner, attr = owners[0]
@@ -268,7 +274,7 @@ class CaliSrLayer(AdditiveDeltaLayer, BaseTunerLayer):
 
     def unfreeze_extra(self, adapter_name: str) -> None:
         """Undo :meth:`freeze_extra` (used when a controller state from before the switch is loaded)."""
-        for owner, attr in self._extra_owners():
+        for owner, attr in self._extra_owners(adapter_name):
             frozen = owner.__dict__.get("frozen_peft_weight_names")
             if frozen and attr in frozen.get(adapter_name, ()):
                 remaining = tuple(n for n in frozen[adapter_name] if n != attr)
@@ -294,7 +300,7 @@ class CaliSrLayer(AdditiveDeltaLayer, BaseTunerLayer):
     def _dense_extras(self, adapter_name: str) -> dict[str, nn.Parameter]:
         """{tensor name: dense W_extra} of ``adapter_name`` (MPO's weight part lives inside the inner layer)."""
         out = {}
-        if self.inner_kind != "MPO" and adapter_name in self.calisr_extra:
+        if adapter_name in self.calisr_extra:  # absent where the weight's W_extra is an MPO central offset
             out["weight"] = self.calisr_extra[adapter_name]
         if adapter_name in self.calisr_extra_bias:
             out["bias"] = self.calisr_extra_bias[adapter_name]
