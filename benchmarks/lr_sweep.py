@@ -159,6 +159,7 @@ def plot_sweep(rows: list[dict[str, Any]], tasks: list[str], path: Path) -> None
     choice = choose(rows, tasks)
     panels = [*tasks, "mean"]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    colors = {m: f"C{i}" for i, m in enumerate(choice)}  # one colour per method in every panel
     for ax, task in zip(axes[0], panels, strict=True):
         for method, info in choice.items():
             pts = (
@@ -168,16 +169,17 @@ def plot_sweep(rows: list[dict[str, Any]], tasks: list[str], path: Path) -> None
             )
             if not pts:
                 continue
-            line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)[0]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colors[method])
             if task == "mean" and info["chosen"] is not None:
-                ax.plot([info["chosen"]], [info["means"][info["chosen"]]], marker="*", ms=14, color=line.get_color())
+                ax.plot([info["chosen"]], [info["means"][info["chosen"]]], marker="*", ms=14, color=colors[method])
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_title(f"{task} (validation)" if task != "mean" else "mean over tasks (star: chosen)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("validation score")
-    axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=c, marker="o", label=m) for m, c in colors.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
