@@ -31,7 +31,7 @@ from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
 from .._common import AdditiveDeltaLayer
-from ..sam.layer import in_out_features
+from ..sam.layer import _pristine_state_dict_hook, _restore_before_load_hook, in_out_features
 
 MPO_EXTRA_NAME = "mpo_central_delta"
 
@@ -173,7 +173,7 @@ class CaliSrLayer(AdditiveDeltaLayer, BaseTunerLayer):
     @property
     def forward_target(self) -> nn.Module:
         """What the forward runs: the inner layer, else the original module."""
-        inner = self._modules.get(INNER_NAME)
+        inner = self.inner
         return inner if inner is not None else self.base_layer
 
     def _inner_has(self, adapter_name: str) -> bool:
@@ -492,16 +492,12 @@ class CaliSrLayer(AdditiveDeltaLayer, BaseTunerLayer):
 def _sam_inner_state_dict_hook(module: CaliSrLayer, state_dict: dict, prefix: str, local_metadata: Any) -> None:
     """A SAM inner layer's original tensors are registered here (``<prefix>base_layer.*``): save them as W0."""
     if module.inner_kind == "SAM":
-        from ..sam.layer import _pristine_state_dict_hook
-
         _pristine_state_dict_hook(module.inner, state_dict, prefix, local_metadata)
 
 
 def _sam_inner_load_hook(module: CaliSrLayer, state_dict: dict, prefix: str, *args: Any) -> None:
     """Loading anything into the layer starts from W0 (a SAM inner layer keeps W0 + Delta in the base tensors)."""
     if module.inner_kind == "SAM":
-        from ..sam.layer import _restore_before_load_hook
-
         _restore_before_load_hook(module.inner, state_dict, prefix, *args)
 
 
