@@ -117,7 +117,14 @@ def _default_lr(method: str) -> float:
     return learning_rate(method)
 
 
-def sweep_markdown(rows: list[dict[str, Any]], tasks: list[str]) -> str:
+def validation_sizes(tasks: list[str], seed: int = 42) -> dict[str, int]:
+    """Examples in each task's validation split (the quality protocol's 10 % of the official train file)."""
+    from glue.data import load_task
+
+    return {t: len(load_task(t, seed=seed, include_test=False)["val"]) for t in tasks}
+
+
+def sweep_markdown(rows: list[dict[str, Any]], tasks: list[str], val_sizes: dict[str, int] | None = None) -> str:
     """The validation score of every rate tried, per task, and the choice per method."""
     scores = val_scores(rows)
     choice = choose(rows, tasks)
@@ -129,6 +136,13 @@ def sweep_markdown(rows: list[dict[str, Any]], tasks: list[str]) -> str:
         "table's rate when the sweep ran.",
         "",
     ]
+    if val_sizes:
+        sizes = ", ".join(f"{t} {n}" for t, n in val_sizes.items())
+        lines += [
+            f"Validation examples: {sizes}. On a split of n examples one prediction moves accuracy by 100/n points, "
+            "so on a small split several rates tie and the choice rests on a few examples.",
+            "",
+        ]
     body = []
     for method, info in choice.items():
         grid = LR_GRIDS.get(method, ())
@@ -186,7 +200,9 @@ def plot_sweep(rows: list[dict[str, Any]], tasks: list[str], path: Path) -> None
 
 def report(out: Path, tasks: list[str]) -> str:
     rows = read_jsonl(out)
-    md = sweep_markdown(rows, tasks)
+    split_seeds = {r["config"]["split_seed"] for r in rows}
+    sizes = validation_sizes(tasks, seed=split_seeds.pop()) if len(split_seeds) == 1 else None
+    md = sweep_markdown(rows, tasks, sizes)
     out.with_suffix(".md").write_text(md)
     if rows:
         plot_sweep(rows, tasks, out.with_suffix(".png"))
