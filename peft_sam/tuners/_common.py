@@ -11,6 +11,15 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+# the heads PEFT's task models train in full: TOKEN_CLS and QUESTION_ANS add them to ``modules_to_save`` only after
+# the adapter is injected, so the default targeting leaves them out itself
+TASK_HEADS: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
 
 
 def match_supported_module(
@@ -27,7 +36,9 @@ def match_supported_module(
     """
     if peft_config.target_modules is not None:
         return check_target_module_exists(peft_config, key)
-    if any(key.endswith(name) for name in peft_config.modules_to_save or []) or _inside_wrapper(model, key):
+    task_type = getattr(peft_config.task_type, "value", peft_config.task_type)
+    heads = [*(peft_config.modules_to_save or []), *TASK_HEADS.get(task_type, ())]
+    if any(key.endswith(name) for name in heads) or _inside_wrapper(model, key):
         # PEFT wraps every module whose name ends with a modules_to_save entry (DistilBERT's "pre_classifier" for
         # "classifier"): such a module is trained in full, not adapted; nor are the copies inside such a wrapper
         return False
@@ -168,3 +179,13 @@ class AdditiveDeltaLayer:
         if self.merged:
             self.unmerge()
         return self.base_layer(x, *args, **kwargs)
+
+
+_PLAIN_FORWARDS = (nn.Linear.forward, Conv1D.forward, nn.Embedding.forward)
+
+
+def has_plain_forward(module: nn.Module) -> bool:
+    """Whether ``module`` runs the forward of ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding`` itself, so an adapter may
+    compute it with ``F.linear`` / ``F.embedding``; a subclass with its own forward (Gemma's scaled embedding, BART's
+    positional embedding, a user's scaled Linear) must run that forward."""
+    return type(module).forward in _PLAIN_FORWARDS

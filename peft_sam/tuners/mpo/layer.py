@@ -31,7 +31,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .._common import AdditiveDeltaLayer
+from .._common import AdditiveDeltaLayer, has_plain_forward
 from .decompose import central_from_weight, central_index, mpo_bond_dims, mpo_decompose, mpo_shapes
 
 SUPPORTED_MODULES = (nn.Linear, Conv1D)
@@ -317,6 +317,8 @@ class MPOLayer(AdditiveDeltaLayer, BaseTunerLayer):
         for adapter in active:  # W0 + sum of deltas, each added through a strided view (one W-sized result each)
             delta, dims = self._delta_in_base_layout(adapter, weight.dtype)
             weight = (weight.reshape(dims) + delta).reshape(base.weight.shape)
+        if not has_plain_forward(base):  # a subclass with its own forward: run it on W0 + Delta
+            return torch.func.functional_call(base, {"weight": weight}, (x, *args), kwargs, strict=False)
         x = self._cast_input_dtype(x, weight.dtype)
         if self.is_conv1d:  # mirrors transformers' Conv1D.forward
             size_out = x.size()[:-1] + (weight.shape[1],)

@@ -22,9 +22,11 @@ import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers.pytorch_utils import Conv1D
 
 from ...ops.sparse_delta import EmbeddingRows, EntryPattern, SampledEmbedding, SampledLinear, tap_entries
+from .._common import has_plain_forward
 from .sharding import is_sharded
 
 # tensor name on the base module -> (indices buffer dict, values parameter dict) on the SAM layer
@@ -43,6 +45,30 @@ PENDING_INDEX = -1  # placeholder index of an adapter whose entries have not bee
 @lru_cache(maxsize=8)
 def _warn_pending_once(message: str) -> None:
     warnings.warn(message, stacklevel=3)
+
+
+class _StepState:
+    """What every SAM layer learns from the optimizers, through one global optimizer-step post-hook.
+
+    * ``steps`` counts optimizer steps in this process. It is part of every layer's "are the base tensors current"
+      key, because some optimizers update the values without bumping their version counter (``AdamW(fused=True)``,
+      the Trainer's default optimizer): after any step the next forward rewrites ``W0 + Delta``.
+    * ``graph_pending`` is set by a forward that recorded a graph through an active adapter and cleared by the next
+      optimizer step. While it is set, a disabled forward must not write W0 into the base tensors (the pending
+      backward saved them, e.g. a reference forward under ``disable_adapter()`` between the policy forward and its
+      backward, as in DPO); it runs on an out-of-place copy of W0 instead.
+    """
+
+    steps = 0
+    graph_pending = False
+
+
+def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    _StepState.steps += 1
+    _StepState.graph_pending = False
+
+
+_STEP_HOOK = register_optimizer_step_post_hook(_after_optimizer_step)
 
 
 def index_dtype_for(numel: int) -> torch.dtype:
@@ -282,7 +308,7 @@ class SAMLayer(BaseTunerLayer):
 
     def _values_key(self, tensor_name: str, adapters: tuple[str, ...]) -> tuple:
         values = getattr(self, TENSOR_SLOTS[tensor_name][1])
-        return tuple((a, values[a]._version, values[a].data_ptr()) for a in adapters)
+        return (_StepState.steps, *((a, values[a]._version, values[a].data_ptr()) for a in adapters))
 
     def refresh_base(self) -> None:
         """Make the base tensors hold ``W0 + sum of the active adapters' offsets`` (no-op when already current).
@@ -417,7 +443,7 @@ class SAMLayer(BaseTunerLayer):
         return flat.view_as(tensor)
 
     def enable_adapters(self, enabled: bool) -> None:  # noqa: D102
-        if not enabled:
+        if not enabled and not _StepState.graph_pending:  # else the disabled forward leaves the base tensors alone
             self.restore_base()
         super().enable_adapters(enabled)
 
@@ -555,6 +581,8 @@ class SAMLayer(BaseTunerLayer):
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
+            if _StepState.graph_pending and not torch.compiler.is_compiling():
+                return self._pristine_forward(x, *args, **kwargs)
             self.restore_base()
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
@@ -566,6 +594,8 @@ class SAMLayer(BaseTunerLayer):
         adapters = {t: self._source(t)._ready_adapters(t) for t in TENSOR_SLOTS}
         if not adapters["weight"] and not adapters["bias"]:
             return self.base_layer(x, *args, **kwargs)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            _StepState.graph_pending = True
         tensors = {}  # what the forward runs on: the base tensors, or W0 + Delta built for a shadowing wrapper
         for tensor_name, names in adapters.items():
             if names:
@@ -576,6 +606,19 @@ class SAMLayer(BaseTunerLayer):
                 current = self._registered(tensor_name) is not None or source._seen_is_current(tensor_name, names)
                 tensors[tensor_name] = None if current else source._out_of_place(tensor_name, names)
         return self._sam_forward(x, adapters, tensors, *args, **kwargs)
+
+    def _pristine_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base module's forward on out-of-place copies of W0, leaving ``W0 + Delta`` in the base tensors (which a
+        pending backward saved). Each copy lives for this layer's forward only."""
+        base = self.get_base_layer()
+        pristine = {}
+        for tensor_name in TENSOR_SLOTS:
+            source = self._source(tensor_name)
+            if tensor_name in source._sam_live and self._registered(tensor_name) is not None:
+                pristine[tensor_name] = source.pristine_tensor(tensor_name).detach()
+        if not pristine:
+            return base(x, *args, **kwargs)
+        return torch.func.functional_call(base, pristine, (x, *args), kwargs, strict=False)
 
     def _source(self, tensor_name: str) -> SAMLayer:
         """The layer holding the entries of ``tensor_name``: this one, or the owner of a tied tensor."""
@@ -625,6 +668,9 @@ class Linear(_LeafLayer):
 
     def _sam_forward(self, x, adapters, tensors, *args, **kwargs) -> torch.Tensor:
         base = self.get_base_layer()
+        if not has_plain_forward(base):  # a subclass with its own forward (scaling, ...): run that forward
+            params = {t: self._tapped(t, names, tensors) for t, names in adapters.items() if names}
+            return torch.func.functional_call(base, params, (x, *args), kwargs, strict=False)
         if any(t is not None for t in tensors.values()):  # a shadowing wrapper: plain autograd on W0 + Delta
             weight = tensors.get("weight") if tensors.get("weight") is not None else base.weight
             bias = tensors.get("bias") if tensors.get("bias") is not None else base.bias
@@ -653,7 +699,14 @@ class Embedding(_LeafLayer):
 
     def _sam_forward(self, x, adapters, tensors, *args, **kwargs) -> torch.Tensor:
         base = self.get_base_layer()
-        plain = not args and not kwargs and base.max_norm is None and not base.scale_grad_by_freq and not base.sparse
+        plain = (
+            not args
+            and not kwargs
+            and has_plain_forward(base)  # not e.g. Gemma's scaled or BART's positional embedding
+            and base.max_norm is None
+            and not base.scale_grad_by_freq
+            and not base.sparse
+        )
         if tensors.get("weight") is not None or not plain:  # unusual embeddings: autograd through the table
             weight = self._tapped("weight", adapters["weight"], tensors)
             return torch.func.functional_call(base, {"weight": weight}, (x, *args), kwargs, strict=False)

@@ -72,7 +72,7 @@ class SAMModel(LeafTunerModel):
         super().inject_adapter(model, adapter_name, **kwargs)
         layers = [m for m in model.modules() if isinstance(m, SAMLayer)]
         link_tied_tensors(layers, adapter_name)
-        peers = WeakSet(layers)  # one selection covers every layer: see SAMLayer._check_calibrated
+        peers = _Peers(layers)  # one selection covers every layer: see SAMLayer._check_calibrated
         for layer in layers:
             layer._sam_peers = peers
         config = self.peft_config[adapter_name]
@@ -148,16 +148,28 @@ def _refresh_before_forward(model: nn.Module) -> None:
     """
     if "_sam_refresh_hook" in model.__dict__:
         return
-    state = BatchedStep(use_arenas=False)
+    model.__dict__["_sam_refresh_hook"] = model.register_forward_pre_hook(_RefreshHook())
 
-    def hook(module: nn.Module, args) -> None:
+
+class _Peers(WeakSet):
+    """The SAM layers of one injection, held weakly; pickles (and deep-copies) as the set of its layers."""
+
+    def __reduce__(self):
+        return (_Peers, (list(self),))
+
+
+class _RefreshHook:
+    """The pre-hook of :func:`_refresh_before_forward`: a plain object, so a model carrying it pickles."""
+
+    def __init__(self) -> None:
+        self.state = BatchedStep(use_arenas=False)
+
+    def __call__(self, module: nn.Module, args) -> None:
         if module.__dict__.get("_sam_refreshed"):  # called from SAMModel.forward, which refreshed everything
             return
         layers = [m for m in module.modules() if isinstance(m, SAMLayer)]
         if layers:
-            state.refresh(layers)
-
-    model.__dict__["_sam_refresh_hook"] = model.register_forward_pre_hook(hook)
+            self.state.refresh(layers)
 
 
 def load_sam_indices(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> int:
