@@ -201,3 +201,38 @@ def test_whole_model_pickles() -> None:
     assert torch.equal(logits(loaded, batch), logits(model, batch))
     layers = [m for m in loaded.modules() if isinstance(m, SAMLayer)]
     assert all(set(layer._sam_peers) <= set(layers) for layer in layers) and len(layers[0]._sam_peers) == len(layers)
+
+
+def test_model_code_reads_wrapped_module_attributes() -> None:
+    """Whisper's encoder reads ``conv1.stride`` off the modules SAM wraps by default: the layer answers for them."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = WhisperConfig(
+        vocab_size=VOCAB,
+        num_mel_bins=8,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=48,
+        decoder_ffn_dim=48,
+        max_source_positions=8,
+        max_target_positions=16,
+        decoder_start_token_id=1,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
+    base = WhisperForConditionalGeneration(config).eval()
+    batch = {"input_features": torch.randn(2, 8, 16), "decoder_input_ids": torch.randint(3, VOCAB, (2, 5))}
+    model = get_peft_model(copy.deepcopy(base), SAMConfig(p=0.1, selection="random", seed=1, init_weights=False))
+    conv = model.base_model.model.model.encoder.conv1
+    assert isinstance(conv, SAMLayer) and conv.stride == base.model.encoder.conv1.stride
+    with torch.no_grad():
+        out = model(**batch).logits
+        assert not torch.equal(out, base(**batch).logits)
+        assert torch.allclose(out, copy.deepcopy(model).merge_and_unload()(**batch).logits, atol=1e-5)
+    with pytest.raises(AttributeError):
+        conv._not_an_attribute  # noqa: B018

@@ -658,6 +658,17 @@ class _LeafLayer(nn.Module, SAMLayer):
 
     forward = SAMLayer.dispatch_forward
 
+    def __getattr__(self, name: str) -> Any:
+        """Attributes of the wrapped module (a conv's ``stride``, a table's ``num_embeddings``) read through the layer,
+        as model code does (Whisper's encoder reads ``conv1.stride``); private names are never forwarded."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__["_modules"].get("base_layer") if not name.startswith("_") else None
+            if base is None:
+                raise
+            return getattr(base, name)
+
 
 class Linear(_LeafLayer):
     """SAM on ``nn.Linear`` (weight [out, in]) or transformers ``Conv1D`` (GPT-2 style, weight [in, out])."""
