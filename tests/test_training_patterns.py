@@ -8,7 +8,7 @@ import io
 
 import pytest
 import torch
-from conftest import VOCAB, logits, make_batches, tiny_bert
+from conftest import _TINY_SIZES, VOCAB, logits, make_batches, tiny_bert
 from peft import get_peft_model
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
@@ -173,14 +173,7 @@ def test_default_targets_leave_task_heads_to_modules_to_save(task: str, kind: st
     from transformers import BertConfig, BertForQuestionAnswering, BertForTokenClassification
 
     torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=32,
-    )
+    cfg = BertConfig(vocab_size=VOCAB, **_TINY_SIZES)
     base = (BertForTokenClassification if task == "TOKEN_CLS" else BertForQuestionAnswering)(cfg)
     config = SAMConfig(p=0.05, selection="magnitude", task_type=task) if kind == "sam" else MPOConfig(task_type=task)
     model = get_peft_model(base, config)
