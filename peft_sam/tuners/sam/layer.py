@@ -679,9 +679,8 @@ class Linear(_LeafLayer):
 
     def _sam_forward(self, x, adapters, tensors, *args, **kwargs) -> torch.Tensor:
         base = self.get_base_layer()
-        if not has_plain_forward(base):  # a subclass with its own forward (scaling, ...): run that forward
-            params = {t: self._tapped(t, names, tensors) for t, names in adapters.items() if names}
-            return torch.func.functional_call(base, params, (x, *args), kwargs, strict=False)
+        if not has_plain_forward(base):  # a subclass with its own forward (scaling, ...): run it as Functional does
+            return Functional._sam_forward(self, x, adapters, tensors, *args, **kwargs)
         if any(t is not None for t in tensors.values()):  # a shadowing wrapper: plain autograd on W0 + Delta
             weight = tensors.get("weight") if tensors.get("weight") is not None else base.weight
             bias = tensors.get("bias") if tensors.get("bias") is not None else base.bias
